@@ -1,0 +1,68 @@
+"""``mod-serve eval``: held-out perplexity, routed fraction per layer, and the KV-memory ratio
+against dense that this routing implies (KV bytes scale with (unrouted layers + sum of routed
+fractions) / layers, since layer j caches only the tokens routed into it).
+
+The dense baseline is the same weights with routing switched off, which for a routers-only run
+is exactly the original model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import MoDLlamaConfig
+from ..modeling import MoDLlamaForCausalLM
+from .export import read_routers
+from .model import dense_routing, resolve_base
+from .trainer import kv_ratio
+
+
+@torch.no_grad()
+def perplexity(model: MoDLlamaForCausalLM, heldout: torch.Tensor, routing=None, batch_size: int = 4) -> dict:
+    nll, count = 0.0, 0
+    routed: dict[int, float] = {}
+    for i in range(0, len(heldout), batch_size):
+        ids = heldout[i : i + batch_size]
+        out = model(ids, routing=routing)
+        logp = torch.log_softmax(out.logits[:, :-1].float(), -1)
+        nll -= logp.gather(-1, ids[:, 1:, None]).sum().item()
+        count += ids[:, 1:].numel()
+        for j, m in out.routed_masks.items():
+            routed[j] = routed.get(j, 0.0) + m.float().sum().item()
+    n_tok = heldout.numel()
+    fractions = {j: v / n_tok for j, v in routed.items()}
+    return {
+        "ppl": float(torch.exp(torch.tensor(nll / count))),
+        "routed": {j: round(f, 4) for j, f in fractions.items()},
+        "routed_mean": round(sum(fractions.values()) / max(1, len(fractions)), 4),
+        "kv_ratio": round(kv_ratio(fractions, model.config.num_hidden_layers), 4),
+    }
+
+
+def load_for_eval(target: str, base: str = "default", dtype=torch.float32) -> MoDLlamaForCausalLM:
+    """A MoD checkpoint dir, a routers file, or a run dir (its routers.safetensors on ``base``)."""
+    import mod_serve  # noqa: F401  (registers mod_llama)
+    from transformers import AutoModelForCausalLM
+
+    path = Path(target)
+    if path.is_dir() and (path / "config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    if path.is_dir():
+        run_cfg = path / "train_config.json"
+        if run_cfg.is_file() and base == "default":
+            base = json.loads(run_cfg.read_text()).get("base", base)
+        path = path / "routers.safetensors"
+    tensors, mod = read_routers(path)
+    base_dir = resolve_base(base)
+    raw = json.loads((base_dir / "config.json").read_text())
+    for k in ("model_type", "architectures", "transformers_version"):
+        raw.pop(k, None)
+    config = MoDLlamaConfig(**raw, mod=mod)
+    model = MoDLlamaForCausalLM.from_pretrained(base_dir, config=config, dtype=dtype).eval()
+    missing = model.load_state_dict(tensors, strict=False).unexpected_keys
+    if missing:
+        raise ValueError(f"routers file has tensors for layers this model does not route: {missing[:3]}")
+    return model

@@ -1,0 +1,140 @@
+"""The training module on tiny random models: objective, gradients, sparsification, resume, export."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mod_serve.modeling import MoDLlamaForCausalLM
+from mod_serve.training.config import from_dict
+from mod_serve.training.export import read_routers, save_checkpoint, save_routers
+from mod_serve.training.objective import aux_loss
+from mod_serve.training.trainer import kv_ratio, train
+from tests.conftest import TINY, tiny_llama, tiny_mod
+
+
+def _ids(n=16, T=24, seed=0):
+    return torch.randint(0, TINY["vocab_size"], (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _cfg(tmp_path, **kw):
+    base = {"output": str(tmp_path / "run"), "init": "keep", "batch_size": 2, "checkpoint_every": 2,
+            "log_every": 100, "warmup_steps": 1, "schedule": "constant", "lr": 0.05, "seed": 0}
+    return from_dict({**base, **kw})
+
+
+def test_aux_loss_and_gradient_match_hand_computation():
+    model = tiny_mod(routed_layers=(1, 3), threshold=0.5)
+    ids = _ids(2, 20)
+    out = model(ids)
+    aux, fractions = aux_loss(out)
+    by_hand = 0.0
+    for j in (1, 3):
+        g = out.router_probs[j]
+        f = float((g >= 0.5).float().mean())
+        assert math.isclose(fractions[j], f)
+        by_hand += f * g.mean()
+    torch.testing.assert_close(aux, by_hand)
+    # d aux / d bias_3 = F_3 * mean(g (1 - g)) over layer 3's tokens (layer 3's bias reaches only
+    # G_3 since F is a count); compare against autograd
+    model.zero_grad()
+    aux.backward()
+    g3 = out.router_probs[3].detach()
+    expected = fractions[3] * (g3 * (1 - g3)).mean()
+    torch.testing.assert_close(model.model.layers[3].router.bias.grad[0], expected.to(torch.float32), rtol=1e-4, atol=1e-7)
+
+
+def test_large_alpha_lowers_routed_fraction(tmp_path):
+    model = tiny_mod(routed_layers=(1, 3, 5), half_skip=False)
+    ids = _ids()
+    # Adam moves the bias ~lr per step: from logit(0.9) = 2.2 it crosses logit(0.5) = 0 in ~4 steps
+    cfg = _cfg(tmp_path, alpha=50.0, init="bias", init_gate=0.9, max_steps=6, threshold=0.5, lr=0.6,
+               routed_layers=[1, 3, 5])
+    first = aux_loss(model(ids[:2]))[1]
+    assert all(f == 1.0 for f in first.values())
+    summary = train(cfg, model=model, train_ids=ids, progress=False)
+    assert summary["last"]["routed_mean"] < 0.5, summary["last"]
+
+
+def test_alpha_zero_all_in_keeps_dense_outputs(tmp_path):
+    dense = tiny_llama()
+    model = tiny_mod(routed_layers=(1, 3, 5), half_skip=False)
+    model.load_state_dict(dense.state_dict(), strict=False)
+    ids = _ids()
+    cfg = _cfg(tmp_path, alpha=0.0, max_steps=2, routed_layers=[1, 3, 5], init="keep")
+    train(cfg, model=model, train_ids=ids, progress=False)
+    model.eval()
+    with torch.no_grad():
+        out = model(ids[:2])
+        assert all(m.all() for m in out.routed_masks.values())
+        ref = dense(ids[:2]).logits.float()
+    torch.testing.assert_close(out.logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def _router_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if ".router." in k}
+
+
+def test_kill_and_resume_reaches_same_weights(tmp_path):
+    ids = _ids()
+    kw = dict(alpha=1.0, max_steps=6, init="bias", routed_layers=[1, 3, 5], distill=0.5)
+    whole = train(_cfg(tmp_path / "a", **kw), model=tiny_mod(half_skip=False), train_ids=ids, progress=False)
+    # "killed" after 5 steps: the checkpoint of step 4 survives, step 5 is lost
+    cfg = _cfg(tmp_path / "b", **kw)
+    part = train(cfg, model=tiny_mod(half_skip=False), train_ids=ids, progress=False, stop_after=5)
+    assert not part["finished"]
+    resumed = train(cfg, model=tiny_mod(half_skip=False), train_ids=ids, progress=False)
+    assert resumed["steps"] == 6 and resumed["finished"]
+    a, b = _router_state(whole["model"]), _router_state(resumed["model"])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_trained_checkpoint_loads_in_reference_model_with_identical_routing(tmp_path):
+    import mod_serve  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    ids = _ids()
+    model = tiny_mod(half_skip=False)
+    summary = train(_cfg(tmp_path, alpha=1.0, max_steps=4, init="importance", init_fraction=0.5,
+                         init_sequences=4, routed_layers=[1, 3, 5]), model=model, train_ids=ids, progress=False)
+    trained = summary["model"].eval()
+    dst = save_checkpoint(trained, tmp_path / "ckpt", dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
+    assert isinstance(loaded, MoDLlamaForCausalLM)
+    tensors, mod = read_routers(save_routers(trained, tmp_path / "routers.safetensors"))
+    assert mod["routed_layers"] == [1, 3, 5] and mod["threshold"] == 0.5
+    with torch.no_grad():
+        a, b = trained(ids[:4]), loaded(ids[:4])
+    for j in (1, 3, 5):
+        assert torch.equal(a.routed_masks[j], b.routed_masks[j])
+        assert 0 < a.routed_masks[j].float().mean() < 1  # routing is really sparse
+    torch.testing.assert_close(a.logits, b.logits)
+
+
+def test_topk_trains_and_kv_ratio_formula(tmp_path):
+    ids = _ids()
+    model = tiny_mod(half_skip=False)
+    cfg = _cfg(tmp_path, router="topk", capacity=0.25, max_steps=2, init="importance", init_sequences=4,
+               routed_layers=[1, 3, 5])
+    from mod_serve.config import MoDLlamaConfig
+
+    model.config.mod = {**model.config.mod, "router": "topk", "capacity": 0.25}
+    assert isinstance(model.config, MoDLlamaConfig)
+    summary = train(cfg, model=model, train_ids=ids, progress=False)
+    assert all(abs(f - 0.25) < 1e-6 for f in summary["last"]["routed"].values())
+    assert math.isclose(kv_ratio({1: 0.25, 3: 0.25, 5: 0.25}, 6), (3 + 0.75) / 6)
+
+
+def test_config_rejects_unknown_keys(tmp_path):
+    import pytest
+
+    from mod_serve.training.config import load
+
+    p = tmp_path / "c.toml"
+    p.write_text('alpha = 0.1\nthreshhold = 0.5\n')
+    with pytest.raises(ValueError, match="threshhold"):
+        load(p)
+    p.write_text('alpha = 0.1\n[data]\nseq_len = 64\n')
+    assert load(p, ["data.seq_len=32"]).data.seq_len == 32
