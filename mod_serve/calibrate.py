@@ -36,7 +36,7 @@ def calibrate_routers(
         if weight_std is not None:
             router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * weight_std)
         router.bias.zero_()
-        logits = torch.logit(model(input_ids, attention_mask=attention_mask).router_probs[i][valid].double())
+        logits = model(input_ids, attention_mask=attention_mask).router_logits[i][valid].double()
         # route in the top `routed_fraction` of scores: shift so that quantile sits at logit(p)
         cut = torch.quantile(logits, 1.0 - routed_fraction).item() if routed_fraction < 1 else logits.min().item() - 1
         bias = math.log(p / (1 - p)) - cut

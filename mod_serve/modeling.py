@@ -38,6 +38,7 @@ so every token is routed in and each layer's update is scaled by g, i.e. almost 
 class MoDOutput:
     logits: torch.Tensor
     router_probs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, T] float32
+    router_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # pre-sigmoid scores
     routed_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, T] bool
     loss: torch.Tensor | None = None
 
@@ -77,9 +78,14 @@ class RoutedKVCache:
         return k, v
 
 
+def router_logits(router: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """w . h + b, computed in float32: [..., hidden] -> [...]."""
+    return F.linear(hidden.float(), router.weight.float(), router.bias.float()).squeeze(-1)
+
+
 def router_probs(router: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     """g = sigmoid(w . h + b), computed in float32: [..., hidden] -> [...]."""
-    return torch.sigmoid(F.linear(hidden.float(), router.weight.float(), router.bias.float())).squeeze(-1)
+    return torch.sigmoid(router_logits(router, hidden))
 
 
 def route(g: torch.Tensor, routing: RoutingConfig, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -203,9 +209,10 @@ class MoDLlamaForCausalLM(LlamaForCausalLM):
                 else:
                     h = decoder_layer_forward(layer, h, cos, sin, cache=cache, layer_idx=i)
                 continue
-            g = router_probs(layer.router, h)
+            logits = router_logits(layer.router, h)
+            g = torch.sigmoid(logits)
             m = route(g, routing, valid)
-            out.router_probs[i], out.routed_masks[i] = g, m
+            out.router_logits[i], out.router_probs[i], out.routed_masks[i] = logits, g, m
             if cache is None:
                 layer_out = decoder_layer_forward(layer, h, cos, sin, routed_attention_mask(m & valid))
                 h = torch.where(m.unsqueeze(-1), gated_update(h, layer_out, g), h)

@@ -1,0 +1,154 @@
+"""MoD LLaMA for vLLM: vLLM's LLaMA plus a router per routed layer and routed-only attention.
+
+A sibling of ``vllm/model_executor/models/llama.py`` that reuses its decoder layer, MLP, RMSNorm,
+rotary embedding and parallel linear layers. Semantics are those of the reference
+(``mod_serve.modeling``): ``g = sigmoid(router(h))`` in float32, a token runs routed layer i iff
+``g >= p``, then ``h <- h + g * (layer(h) - h)``; attention at layer i sees only the tokens routed
+into it, through that layer's compact paged KV cache (see ``mod_serve.vllm_internals``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    extract_layer_index,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+)
+from vllm.sequence import IntermediateTensors
+
+from .config import RoutingConfig
+from .modeling import gated_update
+from .vllm_internals import RoutingState, make_attention_routed, routed_attention
+
+
+def _routing(config) -> RoutingConfig:
+    routing = RoutingConfig.from_dict(dict(config.mod), config.num_hidden_layers)
+    if routing.router != "threshold":
+        raise ValueError(f"only threshold-p routing can be served (causal); checkpoint has {routing.router!r}")
+    return routing
+
+
+class MoDLlamaDecoderLayer(LlamaDecoderLayer):
+    """A LLaMA decoder layer; routed layers also own a router and a compact KV cache."""
+
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None) -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix, config=config)
+        config = config or vllm_config.model_config.hf_config
+        self.layer_index = extract_layer_index(prefix)
+        self.is_routed = self.layer_index in _routing(config).routed_layers
+        if self.is_routed:
+            # A plain Linear: the router is tiny, replicated, and must stay unpacked (float32 math).
+            self.router = nn.Linear(config.hidden_size, 1, bias=True)
+            make_attention_routed(self.self_attn.attn, self.layer_index)
+
+    def router_probs(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """g = sigmoid(w . h + b) in float32, as in the reference."""
+        w, b = self.router.weight, self.router.bias
+        return torch.sigmoid(F.linear(hidden_states.float(), w.float(), b.float())).squeeze(-1)
+
+    def forward_routed(self, positions, hidden_states, step, slot, routed_idx) -> torch.Tensor:
+        """layer(h) for the routed tokens only (un-fused residual form: returns the full output)."""
+        attn = self.self_attn
+        x = self.input_layernorm(hidden_states)
+        qkv, _ = attn.qkv_proj(x)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q, k = attn.rotary_emb(positions, q, k)
+        out = routed_attention(attn.attn, step, slot, routed_idx, q, k, v)
+        out, _ = attn.o_proj(out)
+        x, residual = self.post_attention_layernorm(out, hidden_states)
+        return self.mlp(x) + residual
+
+
+class MoDLlamaModel(nn.Module):
+    """LlamaModel's loop with routing; eager (routing makes shapes data dependent)."""
+
+    hf_to_vllm_mapper = LlamaModel.hf_to_vllm_mapper
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **_):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.routing = _routing(config)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: MoDLlamaDecoderLayer(vllm_config=vllm_config, prefix=prefix),
+            prefix=f"{prefix}.layers",
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.routing_state = RoutingState(self.routing.routed_layers)
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states", "residual"], config.hidden_size
+        )
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def _begin_step(self):
+        metadata = get_forward_context().attn_metadata
+        if not isinstance(metadata, dict):
+            return None
+        first = metadata.get(self.layers[0].self_attn.attn.layer_name)
+        return None if first is None else self.routing_state.begin(first.query_start_loc[: first_num_reqs(first) + 1])
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        residual = None
+        step = self._begin_step()
+        p = self.routing.threshold
+        for layer in self.layers:
+            if not layer.is_routed:
+                hidden, residual = layer(positions, hidden, residual)
+                continue
+            h = hidden if residual is None else hidden + residual
+            residual = None
+            g = layer.router_probs(h)
+            if step is None:  # profiling / warm-up run: no requests, no routed cache
+                out, res = layer(positions, h, None)
+                hidden = torch.where((g >= p).unsqueeze(-1), gated_update(h, out + res, g), h)
+                continue
+            routed_idx = (g >= p).nonzero().squeeze(-1)
+            slot = self.routing_state.slot[layer.layer_index]
+            if routed_idx.numel():
+                h_in = h[routed_idx]
+                out = layer.forward_routed(positions[routed_idx], h_in, step, slot, routed_idx)
+                h = h.index_copy(0, routed_idx, gated_update(h_in, out, g[routed_idx]))
+            hidden = h
+        self.routing_state.end()
+        if residual is None:  # the last layer was routed: no pending residual
+            return self.norm(hidden)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)
+
+
+def first_num_reqs(metadata) -> int:
+    return int(metadata.seq_lens.numel())
+
+
+class MoDLlamaForCausalLM(LlamaForCausalLM):
+    """``architectures: ["MoDLlamaForCausalLM"]`` checkpoints (see mod_serve.config)."""
+
+    def _init_model(self, vllm_config: VllmConfig, prefix: str = "", layer_type=None):
+        return MoDLlamaModel(vllm_config=vllm_config, prefix=prefix)
+
+    @property
+    def routing_state(self) -> RoutingState:
+        return self.model.routing_state
+
+    def forward(self, input_ids, positions, intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds=None):
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
