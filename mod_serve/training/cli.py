@@ -44,6 +44,7 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--questions", action="store_true", help="also greedy-answer the question set (accuracy vs dense)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--markdown", action="store_true", help="also print the rows as a markdown table")
     args = p.parse_args(argv)
     import torch
 
@@ -89,6 +90,11 @@ def eval_main(argv: list[str]) -> int:
     for t in args.threshold or []:
         model.set_threshold(t)
         row(f"p={t}")
+    if args.markdown:
+        from .evaluate import markdown_rows
+
+        print("| model | routed fraction (mean) | KV vs dense | held-out ppl | question accuracy |\n|---|---|---|---|---|")
+        print("\n".join(markdown_rows(results)))
     text = json.dumps(results, indent=2)
     if args.json:
         Path(args.json).write_text(text)

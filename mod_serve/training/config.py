@@ -61,7 +61,9 @@ class TrainConfig:
     init_sharpness: float = 4.0  # "importance": std of the router logits at the start
     init_sequences: int = 16
     lr: float = 5e-3
-    router_lr: float | None = None  # defaults to lr
+    router_lr: float | None = None  # router weights; defaults to lr
+    bias_lr: float | None = None  # router biases; defaults to router_lr (Adam moves a weight's
+    # logit by ~lr * sum|h|, a bias's by ~lr, so the two want different rates)
     weight_decay: float = 0.0
     warmup_steps: int = 10
     schedule: str = "cosine"  # cosine | constant

@@ -66,3 +66,18 @@ def load_for_eval(target: str, base: str = "default", dtype=torch.float32) -> Mo
     if missing:
         raise ValueError(f"routers file has tensors for layers this model does not route: {missing[:3]}")
     return model
+
+
+def markdown_rows(results: dict, dense: dict | None = None) -> list[str]:
+    """Table rows: label | routed mean | KV ratio (x less) | ppl (vs dense) | accuracy (vs dense)."""
+    rows = results["rows"]
+    dense = dense or next((r for r in rows if r["label"] == "dense"), None)
+    out = []
+    for r in rows:
+        ppl = f"{r['ppl']:.2f}" + (f" ({r['ppl'] / dense['ppl'] - 1:+.1%})" if dense and r is not dense else "")
+        acc = ""
+        if "accuracy" in r:
+            acc = f"{r['accuracy']:.0%}" + (f" ({100 * (r['accuracy'] - dense['accuracy']):+.0f} pt)"
+                                             if dense and "accuracy" in dense and r is not dense else "")
+        out.append(f"| {r['label']} | {r['routed_mean']:.3f} | {r['kv_ratio']:.3f} ({1 / r['kv_ratio']:.2f}x) | {ppl} | {acc} |")
+    return out

@@ -82,9 +82,11 @@ def train(cfg: TrainConfig, model=None, train_ids: torch.Tensor | None = None, h
             tqdm.write(f"router init {cfg.init}: routed fraction {json.dumps({k: round(v, 3) for k, v in init.items()})}")
     model = setup_trainable(model, cfg)
     model.train()
-    routers = [p for n, p in model.named_parameters() if p.requires_grad and ".router." in n]
+    weights = [p for n, p in model.named_parameters() if p.requires_grad and ".router.weight" in n]
+    biases = [p for n, p in model.named_parameters() if p.requires_grad and ".router.bias" in n]
     others = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in n]
-    groups = [{"params": routers, "lr": cfg.router_lr or cfg.lr}]
+    router_lr = cfg.router_lr or cfg.lr
+    groups = [{"params": weights, "lr": router_lr}, {"params": biases, "lr": cfg.bias_lr or router_lr}]
     if others:
         groups.append({"params": others, "lr": cfg.lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
