@@ -1,0 +1,54 @@
+"""``/metrics``: vLLM's own Prometheus metrics followed by the MoD gauges.
+
+The MoD figures live in the engine's worker process (the plugin's KV manager), so they are
+fetched per scrape with ``collective_rpc("mod_kv_stats")`` and written to a fresh registry
+(no stale label sets). A dense model, or a plugin without that method, just has no MoD gauges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+log = logging.getLogger(__name__)
+
+BLOCK_GAUGES = {
+    "routed_kv_blocks": "KV blocks held by routed (MoD) layers, summed over those layers",
+    "dense_equivalent_kv_blocks": "KV blocks the routed layers would hold if every token were routed in",
+    "free_kv_blocks": "free KV blocks in the pool",
+    "total_kv_blocks": "total KV blocks in the pool",
+}
+
+
+async def mod_kv_stats(engine) -> dict | None:
+    """Worker 0's MoD KV statistics, or None for a dense model or when the call fails."""
+    if getattr(engine.model_config.hf_config, "model_type", None) != "mod_llama":
+        return None  # don't make every scrape log a failed RPC in the worker
+    try:
+        stats = await asyncio.wait_for(engine.collective_rpc("mod_kv_stats"), 5)
+    except Exception as e:  # plugin without the method, engine busy or dead
+        log.debug("mod_kv_stats unavailable: %s", e)
+        return None
+    return stats[0] if stats else None
+
+
+def mod_gauges(stats: dict) -> bytes:
+    reg = CollectorRegistry()
+    frac = Gauge("mod_routed_fraction", "fraction of tokens routed into each MoD layer", ["layer"], registry=reg)
+    for layer, value in sorted(stats.get("routed_fraction", {}).items(), key=lambda kv: int(kv[0])):
+        frac.labels(layer=str(layer)).set(value)
+    for name, help_ in BLOCK_GAUGES.items():
+        if name in stats:
+            Gauge(f"mod_{name}", help_, registry=reg).set(stats[name])
+    return generate_latest(reg)
+
+
+async def render_metrics(engine) -> tuple[bytes, str]:
+    body = generate_latest(get_prometheus_registry())
+    stats = await mod_kv_stats(engine)
+    if stats:
+        body += mod_gauges(stats)
+    return body, CONTENT_TYPE_LATEST

@@ -1,0 +1,400 @@
+"""The OpenAI-compatible server, end to end: one real `mod-serve serve` process, the `openai` client.
+
+Serves the default MoD model once the vLLM plugin (`model_registry.register`) exists, the dense
+base checkpoint before that; the server must not care which. float32 so that batched and
+one-by-one greedy decoding agree token for token (bf16 on CPU does not: 7 of 16 differed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.slow
+
+KEY = "sk-test-mod-serve"
+
+
+def plugin_available() -> bool:
+    try:
+        import model_registry
+    except Exception:
+        return False
+    return callable(getattr(model_registry, "register", None))
+
+
+def test_model_dir() -> Path:
+    from mod_serve.default_model import prepare_base, prepare_default_model
+
+    return prepare_default_model() if plugin_available() else prepare_base()
+
+
+test_model_dir.__test__ = False  # a helper, not a test
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`mod-serve serve` in its own process group, so that teardown can never leave orphans."""
+
+    def __init__(self, model: Path, *extra: str, api_key: str | None = KEY):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="mod-serve-", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", "mod_serve.cli", "serve", "--model", str(model), "--port", str(self.port)]
+        cmd += ["--kv-cache-gib", "0.25", "--max-model-len", "2048", "--dtype", "float32", "--max-num-seqs", "32"]
+        cmd += ["--api-key", api_key] if api_key else []
+        self.proc = subprocess.Popen(
+            [*cmd, *extra], stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def log_tail(self, n: int = 4000) -> str:
+        return Path(self.log.name).read_text()[-n:]
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.base + "/health", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        self.kill()
+        pytest.fail(f"server not ready after {timeout} s:\n{self.log_tail()}")
+
+    def group_pids(self) -> list[int]:
+        """Live processes of the server's process group (the engine core and workers included)."""
+        import psutil
+
+        pids = []
+        for p in psutil.process_iter(["pid"]):
+            try:
+                if os.getpgid(p.pid) == self.proc.pid and p.status() != psutil.STATUS_ZOMBIE:
+                    pids.append(p.pid)
+            except (ProcessLookupError, psutil.Error):
+                pass
+        return pids
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            if self.proc.poll() is None:
+                self.kill()
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(30)
+
+
+def metrics(base: str) -> dict[str, float]:
+    """Prometheus samples as {"name{label=value}": value}; unlabelled samples under their name."""
+    out = {}
+    for family in text_string_to_metric_families(httpx.get(base + "/metrics", timeout=30).text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k not in ("engine", "model_name"))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def wait_idle(base: str, timeout: float = 10) -> dict[str, float]:
+    """Metrics once nothing runs and the KV pool is back to full (fails after ``timeout``)."""
+    deadline = time.time() + timeout
+    while True:
+        m = metrics(base)
+        idle = m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0
+        mod_full = m.get("mod_free_kv_blocks", 0) == m.get("mod_total_kv_blocks", 0)
+        if idle and mod_full or time.time() > deadline:
+            return m
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ServerProcess(test_model_dir())
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        rc = srv.stop()
+        assert rc == 0, f"server exit status {rc} on SIGTERM:\n{srv.log_tail()}"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base + "/v1", api_key=KEY, timeout=120, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(test_model_dir())
+
+
+MSGS = [{"role": "user", "content": "Name three primary colours."}]
+
+
+def test_health_and_models(server, client):
+    assert httpx.get(server.base + "/health").json() == {"status": "ok"}
+    models = client.models.list().data
+    assert [m.id for m in models] == [test_model_dir().name]
+
+
+def test_chat_usage_matches_tokenizer(client, model, tokenizer):
+    r = client.chat.completions.create(model=model, messages=MSGS, max_tokens=12, temperature=0, logprobs=True)
+    choice = r.choices[0]
+    prompt_ids = tokenizer.apply_chat_template(MSGS, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert r.usage.prompt_tokens == len(prompt_ids)
+    assert r.usage.completion_tokens == len(choice.logprobs.content) >= 1
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason == ("length" if r.usage.completion_tokens == 12 else "stop")
+
+
+def test_completion_length_and_usage(client, model, tokenizer):
+    prompt = "The three primary colours are"
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=7, temperature=0, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 7
+    assert r.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
+    # an answer that ends by itself: EOS -> "stop", fewer tokens than allowed
+    r = client.chat.completions.create(model=model, messages=MSGS, max_tokens=200, temperature=0)
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 200
+
+
+def test_n_choices_and_seed(client, model):
+    kw = dict(model=model, messages=MSGS, max_tokens=10, temperature=1.0, n=3, seed=1234, logprobs=True)
+    a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert a.usage.completion_tokens == sum(len(c.logprobs.content) for c in a.choices)
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]  # same seed
+    c = client.chat.completions.create(**{**kw, "seed": 99})
+    assert [x.message.content for x in c.choices] != [x.message.content for x in a.choices]
+
+
+def test_stop_strings(client, model):
+    kw = dict(model=model, prompt="List the days of the week: Monday,", max_tokens=24, temperature=0)
+    full = client.completions.create(**kw).choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert stop.strip(), full
+    r = client.completions.create(**kw, stop=[stop, "never-appears-xyz"])
+    assert r.choices[0].text == full[: full.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    s = client.chat.completions.create(model=model, messages=MSGS, max_tokens=40, temperature=0, stop=["ed"])
+    assert "ed" not in s.choices[0].message.content
+
+
+def test_logprobs_consistent(client, model):
+    r = client.chat.completions.create(model=model, messages=MSGS, max_tokens=10, temperature=0, logprobs=True, top_logprobs=4)
+    content = r.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 4 and t.logprob <= 0
+        assert t.top_logprobs[0].token == t.token  # greedy picks the most likely token
+        assert t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-5)
+        assert [x.logprob for x in t.top_logprobs] == sorted((x.logprob for x in t.top_logprobs), reverse=True)
+    c = client.completions.create(model=model, prompt="Paris is the capital of", max_tokens=6, temperature=0, logprobs=3)
+    lp = c.choices[0].logprobs
+    assert "".join(lp.tokens) == c.choices[0].text and len(lp.tokens) == c.usage.completion_tokens
+    assert all(len(top) == 3 and max(top.values()) == pytest.approx(v, abs=1e-5) for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+
+
+def test_stream_equals_non_stream(server, client, model):
+    kw = dict(model=model, messages=MSGS, max_tokens=16, temperature=0)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    # the raw SSE stream ends with [DONE]; completions stream too
+    body = {"model": model, "prompt": "Hello", "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", server.base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]" and len(events) >= 3
+    assert all(json.loads(e[6:])["object"] == "text_completion" for e in events[:-1])
+
+
+def test_concurrent_streams_match_sequential_and_free_kv(server, client, model):
+    prompts = [f"Tell me one fact about the number {i}." for i in range(16)]
+    kw = dict(model=model, max_tokens=24, temperature=0)
+    one_by_one = [
+        client.chat.completions.create(messages=[{"role": "user", "content": p}], **kw).choices[0].message.content
+        for p in prompts
+    ]
+
+    async def stream(ac, p):
+        s = await ac.chat.completions.create(messages=[{"role": "user", "content": p}], stream=True, **kw)
+        return "".join([c.choices[0].delta.content or "" async for c in s if c.choices])
+
+    async def all_at_once():
+        async with openai.AsyncOpenAI(base_url=server.base + "/v1", api_key=KEY, timeout=300, max_retries=0) as ac:
+            return await asyncio.gather(*(stream(ac, p) for p in prompts))
+
+    started = time.time()
+    together = asyncio.run(all_at_once())
+    print(f"16 concurrent streams x 24 tokens: {time.time() - started:.1f} s")
+    assert together == one_by_one
+    assert len(set(together)) == 16  # independent outputs, not one answer copied around
+    m = wait_idle(server.base)
+    assert m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0
+    if "mod_total_kv_blocks" in m:
+        assert m["mod_free_kv_blocks"] == m["mod_total_kv_blocks"]
+
+
+def test_client_disconnect_aborts_and_frees_blocks(server, model):
+    before = metrics(server.base)["vllm:generation_tokens_total"]
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": 1500, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=120) as http:
+        with http.stream("POST", server.base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+            lines = r.iter_lines()
+            got = sum(1 for _, line in zip(range(80), lines) if line.startswith("data: {"))
+            during = metrics(server.base)
+            assert during["vllm:num_requests_running"] == 1 and during["vllm:kv_cache_usage_perc"] > 0
+        # leaving the block closes the connection mid-stream
+    closed = time.time()
+    m = wait_idle(server.base, timeout=10)
+    print(f"disconnect -> idle in {time.time() - closed:.2f} s")
+    assert m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0
+    if "mod_total_kv_blocks" in m:
+        assert m["mod_free_kv_blocks"] == m["mod_total_kv_blocks"]
+    generated = m["vllm:generation_tokens_total"] - before
+    time.sleep(1)
+    assert metrics(server.base)["vllm:generation_tokens_total"] - before == generated  # stopped for good
+    assert got <= generated < got + 40, (got, generated)  # aborted within a few engine steps
+
+
+def test_metrics(server, client, model):
+    client.chat.completions.create(model=model, messages=MSGS, max_tokens=4)
+    m = metrics(server.base)
+    assert m["vllm:request_success_total{finished_reason=length}"] >= 1
+    assert "vllm:kv_cache_usage_perc" in m
+    mod = {k: v for k, v in m.items() if k.startswith("mod_")}
+    if not plugin_available():
+        assert mod == {}  # dense model: no MoD gauges
+        return
+    fractions = {k: v for k, v in mod.items() if k.startswith("mod_routed_fraction{")}
+    assert fractions and all(0 <= v <= 1 for v in fractions.values())
+    assert 0 <= mod["mod_routed_kv_blocks"] <= mod["mod_dense_equivalent_kv_blocks"]
+    assert 0 <= mod["mod_free_kv_blocks"] <= mod["mod_total_kv_blocks"]
+
+
+# ---------------------------------------------------------------- errors
+
+
+def post(server, path, body, key=KEY, raw=False):
+    headers = {"content-type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    content = body if raw else json.dumps(body)
+    return httpx.post(server.base + path, content=content, headers=headers, timeout=120)
+
+
+def assert_error(r, status, param=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["type"] == "invalid_request_error"
+    if param:
+        assert err["param"] == param
+    return err
+
+
+LONG = "hello " * 3000  # > 2048 tokens
+
+
+TOO_LONG = "maximum context length is 2048"
+
+
+@pytest.mark.parametrize(
+    "path,body,param,says",
+    [
+        ("/v1/chat/completions", {"messages": MSGS, "temperature": -1}, "temperature", "temperature"),
+        ("/v1/chat/completions", {"messages": MSGS, "top_p": 2}, "top_p", "top_p"),
+        ("/v1/chat/completions", {"messages": MSGS, "max_tokens": 0}, "max_tokens", "max_tokens"),
+        ("/v1/chat/completions", {"messages": MSGS, "max_tokens": 10**9}, "max_tokens", "max_model_len"),
+        ("/v1/chat/completions", {"messages": MSGS, "n": 0}, None, "n must be"),
+        ("/v1/chat/completions", {"messages": MSGS, "n": 100000}, "n", "n must be"),
+        ("/v1/chat/completions", {"messages": MSGS, "logprobs": True, "top_logprobs": 50}, "logprobs", "logprobs"),
+        ("/v1/chat/completions", {"messages": MSGS, "seed": "x"}, "seed", "integer"),
+        ("/v1/chat/completions", {"messages": []}, None, "empty"),
+        ("/v1/chat/completions", {}, "messages", "required"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, None, TOO_LONG),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}], "stream": True}, None, TOO_LONG),
+        ("/v1/completions", {"prompt": LONG}, None, TOO_LONG),
+        ("/v1/completions", {"prompt": LONG, "stream": True}, None, TOO_LONG),
+        ("/v1/completions", {"prompt": [10**7]}, None, "vocabulary"),
+        ("/v1/completions", {}, "prompt", "prompt"),
+    ],
+)
+def test_bad_requests_are_400(server, model, path, body, param, says):
+    err = assert_error(post(server, path, {"model": model, **body}), 400, param)
+    assert says in err["message"]
+
+
+@pytest.mark.parametrize("raw", ['{"model": ', "[1, 2]", "not json", ""])
+def test_malformed_json_is_400(server, raw):
+    assert_error(post(server, "/v1/chat/completions", raw, raw=True), 400)
+
+
+def test_unknown_model_is_404(server, client):
+    err = assert_error(post(server, "/v1/chat/completions", {"model": "gpt-4", "messages": MSGS}), 404, "model")
+    assert err["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
+
+
+@pytest.mark.parametrize("key", [None, "sk-wrong"])
+def test_bad_api_key_is_401(server, model, key):
+    for path, body in [("/v1/chat/completions", {"model": model, "messages": MSGS}), ("/v1/completions", {"prompt": "x"})]:
+        err = assert_error(post(server, path, body, key=key), 401)
+        assert err["code"] == "invalid_api_key"
+    r = httpx.get(server.base + "/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {})
+    assert_error(r, 401)
+    if key:  # the openai client refuses to send no key at all
+        bad = openai.OpenAI(base_url=server.base + "/v1", api_key=key, max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.chat.completions.create(model=model, messages=MSGS, max_tokens=2)
+
+
+def test_server_survives_the_errors(server, client, model):
+    """Runs last in this module: after every error above the server still answers."""
+    assert httpx.get(server.base + "/health").status_code == 200
+    r = client.chat.completions.create(model=model, messages=MSGS, max_tokens=3)
+    assert r.usage.completion_tokens >= 1
+    m = wait_idle(server.base)
+    assert m["vllm:kv_cache_usage_perc"] == 0
