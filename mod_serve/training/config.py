@@ -49,6 +49,7 @@ class TrainConfig:
     router: str = "threshold"  # threshold | topk
     capacity: float = 0.125  # top-k only
     alpha: float = 0.01  # weight of sum_j F_j * G_j
+    aux_skip_first: int = 1  # leave each sequence's first tokens (the attention sink) out of F, G
     distill: float = 0.0  # weight of KL(dense teacher || student) on logits
     lm_weight: float = 1.0
     trainable: str = "routers"  # routers | lora | all
@@ -107,6 +108,9 @@ def from_dict(raw: dict) -> TrainConfig:
     raw = dict(raw)
     data = dict(raw.pop("data", {}) or {})
     sources = [_build(Source, s, "data.sources[]") for s in data.pop("sources", [])]
+    for key in ("lr", "router_lr", "bias_lr", "alpha", "distill", "threshold", "capacity", "weight_decay"):
+        if isinstance(raw.get(key), str):  # YAML 1.1 reads 3e-5 (no dot) as a string
+            raw[key] = float(raw[key])
     cfg = _build(TrainConfig, raw, "config")
     cfg.data = _build(DataConfig, data, "data")
     cfg.data.sources = sources

@@ -37,7 +37,7 @@ def perplexity(model: MoDLlamaForCausalLM, heldout: torch.Tensor, routing=None, 
     return {
         "ppl": float(torch.exp(torch.tensor(nll / count))),
         "routed": {j: round(f, 4) for j, f in fractions.items()},
-        "routed_mean": round(sum(fractions.values()) / max(1, len(fractions)), 4),
+        "routed_mean": round(sum(fractions.values()) / len(fractions), 4) if fractions else 1.0,  # dense: all in
         "kv_ratio": round(kv_ratio(fractions, model.config.num_hidden_layers), 4),
     }
 

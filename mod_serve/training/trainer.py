@@ -114,7 +114,9 @@ def train(cfg: TrainConfig, model=None, train_ids: torch.Tensor | None = None, h
             with accel.autocast():
                 res = model(ids)
                 lm = lm_loss(res.logits, ids)
-                aux, fr = aux_loss(res)
+                valid = torch.ones_like(ids, dtype=torch.bool)
+                valid[:, : cfg.aux_skip_first] = False
+                aux, fr = aux_loss(res, valid)
                 loss = cfg.lm_weight * lm + cfg.alpha * aux
                 kl = torch.zeros(())
                 if cfg.distill:
