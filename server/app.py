@@ -104,11 +104,16 @@ def _check_n(n: int | None) -> None:
         raise APIError(400, f"n must be at most {MAX_N}, got {n}", param="n")
 
 
-async def _respond(result, stream: bool):
+SHUTTING_DOWN = {"error": {"message": "server shutting down", "type": "server_error", "param": None, "code": 503}}
+
+
+async def _respond(result, stream: bool, state):
     """Turn what a vLLM serving call returned into a response.
 
     A stream is peeked at before the 200 goes out, so that an error found when the engine
-    takes the request (it is found there for some inputs) still gets its proper status.
+    takes the request (it is found there for some inputs) still gets its proper status. On
+    SIGTERM/SIGINT (``state.shutting_down``) a stream ends at its next chunk with an error event,
+    which aborts it in the engine and lets uvicorn's graceful shutdown finish at once.
     """
     if isinstance(result, ErrorResponse):
         return from_vllm(result)
@@ -126,6 +131,10 @@ async def _respond(result, stream: bool):
     async def chunks():
         yield first
         async for chunk in result:  # a disconnect cancels this, which aborts the engine request
+            if state.shutting_down:
+                await result.aclose()  # aborts the request in the engine
+                yield f"data: {json.dumps(SHUTTING_DOWN)}\n\ndata: [DONE]\n\n"
+                return
             yield chunk
 
     return StreamingResponse(chunks(), media_type="text/event-stream")
@@ -165,6 +174,7 @@ def build_app(engine_args: AsyncEngineArgs, served_model_name: str, api_key: str
 
     app = FastAPI(title="mod-serve", lifespan=lifespan)
     app.state.api_key = api_key
+    app.state.shutting_down = False  # set by the CLI's signal handler
     _install_error_handlers(app)
     auth = [Depends(check_api_key)]
 
@@ -190,14 +200,14 @@ def build_app(engine_args: AsyncEngineArgs, served_model_name: str, api_key: str
     async def chat_completions(request: ChatCompletionRequest, raw_request: Request):
         _check_n(request.n)
         result = await raw_request.app.state.chat.create_chat_completion(request, raw_request)
-        return await _respond(result, bool(request.stream))
+        return await _respond(result, bool(request.stream), raw_request.app.state)
 
     @app.post("/v1/completions", dependencies=auth)
     @with_cancellation
     async def completions(request: CompletionRequest, raw_request: Request):
         _check_n(request.n)
         result = await raw_request.app.state.completion.create_completion(request, raw_request)
-        return await _respond(result, bool(request.stream))
+        return await _respond(result, bool(request.stream), raw_request.app.state)
 
     return app
 

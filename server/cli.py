@@ -8,6 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
+import uvicorn
+
 
 def _log(msg: str) -> None:
     print(f"[mod-serve] {msg}", flush=True)
@@ -86,8 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class _Server(uvicorn.Server):
+    """Tells the app about the signal, so that open streams end now rather than at the timeout."""
+
+    def handle_exit(self, sig, frame):
+        self.config.app.state.shutting_down = True
+        super().handle_exit(sig, frame)
+
+
 def _serve(args: argparse.Namespace, path: Path, overrides: dict | None) -> int:
-    import uvicorn
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.platforms import current_platform
 
@@ -107,9 +116,7 @@ def _serve(args: argparse.Namespace, path: Path, overrides: dict | None) -> int:
     threshold = f", threshold p={args.mod_threshold}" if overrides else ""
     _log(f"starting the vLLM engine for {path}{threshold}; the port opens once it is ready")
     app = build_app(engine_args, name, args.api_key)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=5, log_level="info")
-    )
+    server = _Server(uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=5))
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises the signal it handled after a clean shutdown

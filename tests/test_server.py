@@ -54,11 +54,12 @@ def free_port() -> int:
 class ServerProcess:
     """`mod-serve serve` in its own process group, so that teardown can never leave orphans."""
 
-    def __init__(self, model: Path, *extra: str, api_key: str | None = KEY):
+    def __init__(self, model: Path | None, *extra: str, api_key: str | None = KEY):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="mod-serve-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "mod_serve.cli", "serve", "--model", str(model), "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "mod_serve.cli", "serve", "--port", str(self.port)]
+        cmd += ["--model", str(model)] if model else []  # none: the default model
         cmd += ["--kv-cache-gib", "0.25", "--max-model-len", "2048", "--dtype", "float32", "--max-num-seqs", "32"]
         cmd += ["--api-key", api_key] if api_key else []
         self.proc = subprocess.Popen(
@@ -309,6 +310,7 @@ def test_metrics(server, client, model):
         return
     fractions = {k: v for k, v in mod.items() if k.startswith("mod_routed_fraction{")}
     assert fractions and all(0 <= v <= 1 for v in fractions.values())
+    assert sum(fractions.values()) > 0  # at the checkpoint's p some tokens are routed in
     assert 0 <= mod["mod_routed_kv_blocks"] <= mod["mod_dense_equivalent_kv_blocks"]
     assert 0 <= mod["mod_free_kv_blocks"] <= mod["mod_total_kv_blocks"]
 
