@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -24,7 +25,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Names
     p.add_argument("--served-model-name", help="the name clients pass as `model` (default: the directory name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("MOD_SERVE_API_KEY") or None,
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $MOD_SERVE_API_KEY, else no key)",
+    )
     p.add_argument("--max-model-len", type=int, help="context length (default: the checkpoint's)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache pool size in GiB (default 1)")
     p.add_argument("--mod-threshold", type=float, help="override the routing threshold p server-wide (MoD only)")
