@@ -140,3 +140,20 @@ def test_config_rejects_unknown_keys(tmp_path):
         load(p)
     p.write_text('alpha = 0.1\n[data]\nseq_len = 64\n')
     assert load(p, ["data.seq_len=32"]).data.seq_len == 32
+
+
+def test_precondition_is_a_pure_reparametrization():
+    from mod_serve.training.precondition import precondition, remove
+
+    model = tiny_mod(routed_layers=(1, 3))
+    ids = _ids(4)
+    before = {j: (r.weight.detach().clone(), model(ids).router_probs[j]) for j, r in model.routers().items()}
+    precondition(model, ids)
+    after = model(ids)
+    for j, r in model.routers().items():
+        torch.testing.assert_close(r.weight, before[j][0])
+        torch.testing.assert_close(after.router_probs[j], before[j][1])
+    remove(model)
+    for j, r in model.routers().items():
+        torch.testing.assert_close(r.weight, before[j][0])
+        assert list(dict(r.named_parameters())) == ["weight", "bias"]

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from . import data, export, state
 from .config import TrainConfig
 from .init import init_routers
+from .precondition import precondition, remove
 from .model import base_model, load_model, resolve_base, setup_trainable, teacher
 from .objective import aux_loss, distill_kl, lm_loss
 
@@ -80,9 +81,11 @@ def train(cfg: TrainConfig, model=None, train_ids: torch.Tensor | None = None, h
         init = init_routers(model, cfg.init, sample, cfg.init_gate, cfg.init_fraction, cfg.init_sharpness, cfg.seed)
         if init is not None:
             tqdm.write(f"router init {cfg.init}: routed fraction {json.dumps({k: round(v, 3) for k, v in init.items()})}")
+    if cfg.precondition:  # recomputed identically on resume: same sample, same weights
+        precondition(model, train_ids[: max(1, min(4, cfg.init_sequences))])
     model = setup_trainable(model, cfg)
     model.train()
-    weights = [p for n, p in model.named_parameters() if p.requires_grad and ".router.weight" in n]
+    weights = [p for n, p in model.named_parameters() if p.requires_grad and ".router." in n and not n.endswith("bias")]
     biases = [p for n, p in model.named_parameters() if p.requires_grad and ".router.bias" in n]
     others = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in n]
     router_lr = cfg.router_lr or cfg.lr
@@ -154,6 +157,9 @@ def train(cfg: TrainConfig, model=None, train_ids: torch.Tensor | None = None, h
     unwrapped = accel.unwrap_model(model)
     if finished and accel.is_main_process:
         state.save(out, unwrapped, optimizer, scheduler, start + done)
+    if cfg.precondition:
+        remove(base_model(unwrapped))
+    if finished and accel.is_main_process:
         _export(cfg, unwrapped, out)
     return {"steps": start + done, "finished": finished, "last": last, "model": unwrapped}
 
