@@ -62,8 +62,13 @@ def answer(model, tokenizer, question: str, max_new: int = 24, routing=None) -> 
     if hasattr(ids, "input_ids") or isinstance(ids, dict):
         ids = ids["input_ids"]
     routing_ = routing or model.routing
-    if routing_.router == "threshold" and routing_.routed_layers and routing is None:
-        out, _ = greedy_generate(model, list(ids), max_new, tokenizer.eos_token_id)
+    if routing_.router == "threshold":  # causal: the compact-cache decoder (dense = no routed layers)
+        saved = model.config.mod
+        model.config.mod = routing_.to_dict()
+        try:
+            out, _ = greedy_generate(model, list(ids), max_new, tokenizer.eos_token_id)
+        finally:
+            model.config.mod = saved
     else:
         out = greedy_full(model, list(ids), max_new, tokenizer.eos_token_id, routing)
     return tokenizer.decode(out, skip_special_tokens=True)
