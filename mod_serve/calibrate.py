@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .modeling import MoDLlamaForCausalLM
 
@@ -32,15 +33,19 @@ def calibrate_routers(
         raise ValueError(f"calibration needs a threshold in (0, 1), got {p}")
     gen = torch.Generator().manual_seed(seed)
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    for i, router in model.routers().items():
+    routers = model.routers()
+    target = math.log(p / (1 - p))
+
+    def set_bias(layer: int, hidden: torch.Tensor, valid: torch.Tensor) -> None:
+        router = routers[layer]
         if weight_std is not None:
             router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * weight_std)
-        router.bias.zero_()
-        logits = model(input_ids, attention_mask=attention_mask).router_logits[i][valid].double()
-        # route in the top `routed_fraction` of scores: shift so that quantile sits at logit(p)
-        cut = torch.quantile(logits, 1.0 - routed_fraction).item() if routed_fraction < 1 else logits.min().item() - 1
-        bias = math.log(p / (1 - p)) - cut
-        # place the cut midway between neighbouring scores so rounding cannot flip a decision
-        router.bias.fill_(bias + 1e-3)
-    out = model(input_ids, attention_mask=attention_mask)
+        logits = F.linear(hidden.float(), router.weight.float()).squeeze(-1)
+        # route in the top `routed_fraction` of scores: that quantile moves to logit(p) (plus
+        # 1e-3, so the sample token at the cut is not left exactly on the threshold)
+        scores = logits[valid].double()
+        cut = torch.quantile(scores, 1.0 - routed_fraction).item() if routed_fraction < 1 else scores.min().item() - 1
+        router.bias.fill_(target - cut + 1e-3)
+
+    out = model(input_ids, attention_mask=attention_mask, router_hook=set_bias)
     return out.routed_fraction(valid)

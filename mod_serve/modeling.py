@@ -182,8 +182,11 @@ class MoDLlamaForCausalLM(LlamaForCausalLM):
         cache: RoutedKVCache | None = None,
         labels: torch.LongTensor | None = None,
         routing: RoutingConfig | None = None,
+        router_hook=None,
         **_: object,
     ) -> MoDOutput:
+        """``router_hook(layer, hidden, valid)``, if given, runs before each routed layer's router
+        and may change it (used to calibrate all routers in one pass)."""
         routing = routing or self.routing
         model = self.model
         h = model.embed_tokens(input_ids)
@@ -209,6 +212,8 @@ class MoDLlamaForCausalLM(LlamaForCausalLM):
                 else:
                     h = decoder_layer_forward(layer, h, cos, sin, cache=cache, layer_idx=i)
                 continue
+            if router_hook is not None:
+                router_hook(i, h, valid)
             logits = router_logits(layer.router, h)
             g = torch.sigmoid(logits)
             m = route(g, routing, valid)

@@ -349,11 +349,7 @@ class RoutingState:
         runner = self.runner
         if runner is None or not self.pending_report:
             return
-        if not self.group_of_layer:
-            for g, group in enumerate(runner.kv_cache_config.kv_cache_groups):
-                spec = group.kv_cache_spec
-                if isinstance(spec, RoutedAttentionSpec):
-                    self.group_of_layer[spec.layer_index] = g
+        self._resolve_groups()
         batch = runner.input_batch
         for req_id, (_, routed) in self.pending_report.items():
             row = batch.req_id_to_index.get(req_id)
@@ -365,12 +361,41 @@ class RoutingState:
                 if table.num_blocks_per_row[row] > keep:
                     table.num_blocks_per_row[row] = keep
 
+    def _resolve_groups(self) -> None:
+        if not self.group_of_layer and self.runner is not None and hasattr(self.runner, "kv_cache_config"):
+            for g, group in enumerate(self.runner.kv_cache_config.kv_cache_groups):
+                spec = group.kv_cache_spec
+                if isinstance(spec, RoutedAttentionSpec):
+                    self.group_of_layer[spec.layer_index] = g
+
     def stats(self) -> dict:
-        frac = {
-            str(layer): (self.totals_routed[j] / self.totals_tokens if self.totals_tokens else 0.0)
-            for j, layer in enumerate(self.routed_layers)
+        """Routing totals since start-up and the KV blocks that routed layers hold right now,
+        against what the same layers would hold if they were dense."""
+        out = {
+            "routed_tokens": {str(layer): n for layer, n in zip(self.routed_layers, self.totals_routed)},
+            "tokens_seen": self.totals_tokens,
+            "routed_fraction": {
+                str(layer): (n / self.totals_tokens if self.totals_tokens else 0.0)
+                for layer, n in zip(self.routed_layers, self.totals_routed)
+            },
         }
-        return {"routed_fraction": frac, "tokens_seen": self.totals_tokens}
+        runner = self.runner
+        self._resolve_groups()
+        if not self.group_of_layer:
+            return out
+        batch = runner.input_batch
+        rows = [batch.req_id_to_index[r] for r in batch.req_ids if r in batch.req_id_to_index]
+        held = dense = all_held = 0
+        for g, table in enumerate(batch.block_table.block_tables):
+            blocks = sum(int(table.num_blocks_per_row[row]) for row in rows)
+            all_held += blocks
+            if g in self.group_of_layer.values():
+                held += blocks
+                dense += sum(cdiv(int(batch.num_computed_tokens_cpu[row]), table.block_size) for row in rows)
+        total = runner.kv_cache_config.num_blocks
+        out.update(routed_kv_blocks=held, dense_equivalent_kv_blocks=dense, total_kv_blocks=total,
+                   free_kv_blocks=total - all_held)
+        return out
 
 
 @dataclasses.dataclass
@@ -404,18 +429,12 @@ def routed_attention(attn, step: RoutingStep, slot: int, routed_idx: torch.Tenso
     rank = torch.arange(routed_idx.numel()) - starts[rows]
     compact = prior[rows] + rank
     block_table = metadata.block_table[:num_reqs]
-    bs = attn.kv_cache.shape[2] if attn.kv_cache.dim() == 4 else None
-    block_size = _kernel_block_size(attn, metadata)
+    block_size = int(attn.kv_cache.shape[2])  # CPU cache layout: [blocks, kv_heads, block_size, 2 * head]
     slots = block_table[rows, compact // block_size].to(torch.int64) * block_size + compact % block_size
     seq_lens = (prior + new).to(torch.int32)
     qsl = torch.zeros(num_reqs + 1, dtype=torch.int32)
     qsl[1:] = torch.cumsum(new, 0)
-    del bs
     return _backend_attention(attn, metadata, q, k, v, slots, seq_lens, qsl, block_table, int(new.max()))
-
-
-def _kernel_block_size(attn, metadata) -> int:
-    return int(attn.kv_cache.shape[2])  # CPU cache layout: [blocks, kv_heads, block_size, 2 * head]
 
 
 def _backend_attention(attn, metadata, q, k, v, slots, seq_lens, qsl, block_table, max_query_len):

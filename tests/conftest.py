@@ -59,3 +59,36 @@ def default_base_dir(default_model_dir):
     from mod_serve.default_model import prepare_base
 
     return prepare_base()
+
+
+@pytest.fixture(scope="session")
+def half_skip_model_dir(default_model_dir, tmp_path_factory):
+    """The default model in float32 with routers calibrated so that about half of the tokens
+    skip every routed layer (a stand-in for a trained MoD model with known sparsity)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mod_serve.calibrate import calibrate_routers
+    from tests.vllm_helpers import mixed_prompts
+
+    out = tmp_path_factory.mktemp("half_skip")
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    texts = [tok.decode(p) for p in mixed_prompts(tok, 16)]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    fractions = calibrate_routers(model, enc.input_ids, 0.5, attention_mask=enc.attention_mask, weight_std=0.05)
+    assert all(0.4 < f < 0.6 for f in fractions.values()), fractions
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def dense_f32_dir(default_base_dir):
+    return default_base_dir
+
+
+@pytest.fixture(scope="session")
+def all_in_model_dir(default_base_dir, tmp_path_factory):
+    from mod_serve.convert import convert
+
+    return convert(default_base_dir, tmp_path_factory.mktemp("all_in") / "mod", routed_layers="every-other")
