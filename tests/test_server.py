@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -54,10 +53,10 @@ def free_port() -> int:
 class ServerProcess:
     """`mod-serve serve` in its own process group, so that teardown can never leave orphans."""
 
-    def __init__(self, model: Path | None, *extra: str, api_key: str | None = KEY):
+    def __init__(self, log_dir: Path, model: Path | None, *extra: str, api_key: str | None = KEY):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="mod-serve-", suffix=".log", delete=False)
+        self.log = open(log_dir / "server.log", "w+")  # pytest's tmp dir: kept for a failed run
         cmd = [sys.executable, "-m", "mod_serve.cli", "serve", "--port", str(self.port)]
         cmd += ["--model", str(model)] if model else []  # none: the default model
         cmd += ["--kv-cache-gib", "0.25", "--max-model-len", "2048", "--dtype", "float32", "--max-num-seqs", "32"]
@@ -127,6 +126,7 @@ class ServerProcess:
         except ProcessLookupError:
             pass
         self.proc.wait(30)
+        self.log.close()
 
 
 def metrics(base: str) -> dict[str, float]:
@@ -152,8 +152,8 @@ def wait_idle(base: str, timeout: float = 10) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def server():
-    srv = ServerProcess(test_model_dir())
+def server(tmp_path_factory):
+    srv = ServerProcess(tmp_path_factory.mktemp("server"), test_model_dir())
     try:
         srv.wait_ready()
         yield srv

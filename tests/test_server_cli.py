@@ -73,10 +73,10 @@ def _stream_until_cut(base: str, model: str, first_chunk: threading.Event, resul
 
 @pytest.mark.slow
 @pytest.mark.skipif(not plugin_available(), reason="the default model is MoD: needs the vLLM plugin")
-def test_default_model_threshold_override_and_sigterm_mid_stream():
+def test_default_model_threshold_override_and_sigterm_mid_stream(tmp_path):
     """No --model: the default MoD model. p = 1.0 routes nothing in (g < 1 always), which the MoD
     gauges show. Then SIGTERM with a stream in flight: the server exits 0 and leaves no process."""
-    srv = ServerProcess(None, "--mod-threshold", "1.0")
+    srv = ServerProcess(tmp_path, None, "--mod-threshold", "1.0")
     try:
         srv.wait_ready()
         models = httpx.get(srv.base + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
