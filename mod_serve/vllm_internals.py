@@ -19,6 +19,7 @@ directly with per-layer compact metadata.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -135,6 +136,41 @@ def make_attention_routed(attn, layer_index: int) -> None:
 
     attn.get_kv_cache_spec = get_kv_cache_spec
     attn.routed_layer_index = layer_index
+    if attn.attn_backend.get_name() == "CPU_ATTN":
+        attn.attn_backend = _routed_cpu_backend()
+
+
+@functools.cache
+def _routed_cpu_backend():
+    """vLLM's CPU attention backend with a metadata builder that only passes the group's block
+    table, query_start_loc and seq_lens through: the routed layer builds its real (compact)
+    metadata itself, so the per-step scheduler-metadata call for every routed group is skipped."""
+    from vllm.v1.attention.backends.cpu_attn import (
+        CPUAttentionBackend,
+        CPUAttentionMetadata,
+        CPUAttentionMetadataBuilder,
+    )
+
+    class RoutedCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+        def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+            c = common_attn_metadata
+            return CPUAttentionMetadata(
+                num_actual_tokens=c.num_actual_tokens,
+                max_query_len=c.max_query_len,
+                query_start_loc=c.query_start_loc,
+                max_seq_len=c.max_seq_len,
+                seq_lens=c.seq_lens,
+                block_table=c.block_table_tensor,
+                slot_mapping=c.slot_mapping,
+                scheduler_metadata=None,
+            )
+
+    class RoutedCPUAttentionBackend(CPUAttentionBackend):
+        @staticmethod
+        def get_builder_cls():
+            return RoutedCPUMetadataBuilder
+
+    return RoutedCPUAttentionBackend
 
 
 # --------------------------------------------------------------------------------------------

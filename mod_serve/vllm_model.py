@@ -114,9 +114,8 @@ class MoDLlamaModel(nn.Module):
             h = hidden if residual is None else hidden + residual
             residual = None
             g = layer.router_probs(h)
-            if step is None:  # profiling / warm-up run: no requests, no routed cache
-                out, res = layer(positions, h, None)
-                hidden = torch.where((g >= p).unsqueeze(-1), gated_update(h, out + res, g), h)
+            if step is None:  # profiling / warm-up run: no requests, nothing to route or cache
+                hidden = h
                 continue
             routed_idx = (g >= p).nonzero().squeeze(-1)
             slot = self.routing_state.slot[layer.layer_index]

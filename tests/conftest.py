@@ -61,10 +61,14 @@ def default_base_dir(default_model_dir):
     return prepare_base()
 
 
+EMPTY_LAYER = 29
+
+
 @pytest.fixture(scope="session")
 def half_skip_model_dir(default_model_dir, tmp_path_factory):
     """The default model in float32 with routers calibrated so that about half of the tokens
-    skip every routed layer (a stand-in for a trained MoD model with known sparsity)."""
+    skip every routed layer (a stand-in for a trained MoD model with known sparsity), except the
+    last layer, which no token enters (every batch gives that routed layer zero tokens)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mod_serve.calibrate import calibrate_routers
@@ -77,6 +81,8 @@ def half_skip_model_dir(default_model_dir, tmp_path_factory):
     enc = tok(texts, return_tensors="pt", padding=True)
     fractions = calibrate_routers(model, enc.input_ids, 0.5, attention_mask=enc.attention_mask, weight_std=0.05)
     assert all(0.4 < f < 0.6 for f in fractions.values()), fractions
+    with torch.no_grad():
+        model.model.layers[EMPTY_LAYER].router.bias.fill_(-1e4)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out

@@ -10,6 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from mod_serve.vllm_internals import cdiv
+from tests.conftest import EMPTY_LAYER
 from tests.vllm_helpers import (
     BLOCK_SIZE,
     free_blocks,
@@ -52,6 +53,7 @@ def test_batch_matches_reference_tokens_and_routed_counts(half_skip_model_dir, p
     assert {int(k): v for k, v in stats["routed_tokens"].items()} == want_routed
     total = sum(len(p) + MAX_TOKENS - 1 for p in prompts)
     assert stats["tokens_seen"] == total
+    assert want_routed.pop(EMPTY_LAYER) == 0  # a routed layer that receives zero tokens
     assert all(0.25 < v / total < 0.75 for v in want_routed.values()), want_routed  # about half skip
 
 

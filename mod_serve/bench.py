@@ -1,0 +1,317 @@
+"""``mod-serve bench``: a MoD model against its dense original, on the same vLLM engine, in one run.
+
+Three models share the engine settings, the prompts and the machine:
+
+* ``dense``: the base LLaMA checkpoint served by vLLM's own LlamaForCausalLM (torch.compile'd, as
+  vLLM runs it by default), and ``dense-eager``: the same without compilation (the MoD model runs
+  eagerly: routing makes its shapes data dependent);
+* ``mod-all-in``: the same weights converted to MoD with every token routed in (the price of
+  routers and routed-KV bookkeeping);
+* ``mod``: the MoD model under test (default: routers calibrated so that ``--routed-fraction`` of
+  the tokens are routed into every routed layer).
+
+Measured from vLLM itself, with the engine core in-process: KV blocks the scheduler's managers
+hold per request after prefill (bytes per token), routed fraction per layer, the largest number of
+requests of one length that run at once under one KV budget, and TTFT / TPOT at several prompt
+lengths and batch sizes. Writes a markdown table and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+BLOCK_SIZE = 32
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def corpus_token_ids(tokenizer, n_tokens: int) -> list[int]:
+    """English prose that ships with Python: the docstrings of standard-library modules."""
+    import importlib
+    import pkgutil
+
+    texts = []
+    for mod in sorted(m.name for m in pkgutil.iter_modules() if not m.name.startswith("_")):
+        if mod in {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo"}:
+            continue
+        try:
+            doc = importlib.import_module(mod).__doc__
+        except Exception:  # noqa: BLE001 - any stdlib module that fails to import is skipped
+            continue
+        if doc and len(doc) > 200:
+            texts.append(doc)
+        if sum(map(len, texts)) > n_tokens * 6:
+            break
+    ids = tokenizer("\n\n".join(texts)).input_ids
+    while len(ids) < n_tokens:
+        ids = ids + ids
+    return ids[:n_tokens]
+
+
+def prompts_of(corpus: list[int], length: int, count: int) -> list[list[int]]:
+    step = max(1, (len(corpus) - length) // max(count, 1))
+    return [corpus[i * step : i * step + length] for i in range(count)]
+
+
+@contextlib.contextmanager
+def engine(model: str, kv_bytes: int, max_model_len: int, dtype: str, max_num_seqs: int = 64, eager: bool = False):
+    from vllm import LLM
+
+    extra = {"enforce_eager": True, "compilation_config": {"mode": 0}} if eager else {}
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    llm = LLM(
+        model=model,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        block_size=BLOCK_SIZE,
+        kv_cache_memory_bytes=kv_bytes,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max(8192, max_model_len),
+        distributed_executor_backend="uni",
+        enable_prefix_caching=False,
+        seed=0,
+        **extra,
+    )
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def _scheduler(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def _params(max_tokens: int):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def held_bytes(llm, req_id: str) -> int:
+    """Bytes of KV blocks the scheduler holds for one request, over all KV cache groups."""
+    kvm = _scheduler(llm).kv_cache_manager
+    groups = kvm.kv_cache_config.kv_cache_groups
+    return sum(
+        len(m.req_to_blocks.get(req_id, ())) * g.kv_cache_spec.page_size_bytes * len(g.layer_names)
+        for m, g in zip(kvm.coordinator.single_type_managers, groups)
+    )
+
+
+def timed_run(llm, prompts: list[list[int]], decode_tokens: int, tag: str) -> dict:
+    """Add all prompts at once and step the engine; TTFT and TPOT from wall-clock step times.
+    Also records the KV bytes held per prompt token right after each request's prefill."""
+    engine = llm.llm_engine
+    ids = [f"{tag}-{i}" for i in range(len(prompts))]
+    start = time.perf_counter()
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, {"prompt_token_ids": p}, _params(decode_tokens))
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    kv_per_token: list[float] = []
+    internal = {}
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            n = len(o.outputs[0].token_ids)
+            if n >= 1 and o.request_id not in first:
+                first[o.request_id] = now
+                internal[o.request_id] = _internal_id(llm, o.request_id)
+                if internal[o.request_id] is not None:
+                    kv_per_token.append(held_bytes(llm, internal[o.request_id]) / len(prompts[0]))
+            last[o.request_id] = now
+    ttft = statistics.mean(first[r] - start for r in ids)
+    tpot = statistics.mean((last[r] - first[r]) / max(decode_tokens - 1, 1) for r in ids)
+    return {"ttft_s": ttft, "tpot_s": tpot, "kv_bytes_per_token": statistics.mean(kv_per_token) if kv_per_token else None}
+
+
+def _internal_id(llm, external_id: str) -> str | None:
+    for rid in _scheduler(llm).requests:
+        if rid == external_id or rid.startswith(external_id):
+            return rid
+    return None
+
+
+def peak_concurrency(llm, prompts: list[list[int]], decode_tokens: int) -> int:
+    """Most requests running at once when all are submitted together (KV-limited)."""
+    engine = llm.llm_engine
+    for i, p in enumerate(prompts):
+        engine.add_request(f"conc-{i}", {"prompt_token_ids": p}, _params(decode_tokens))
+    peak = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        peak = max(peak, len(_scheduler(llm).running))
+    return peak
+
+
+def make_models(work: Path, routed_fraction: float, mod_dir: str | None, dtype: str) -> dict[str, str]:
+    """dense (base), mod-all-in (converted) and mod (given, or calibrated to routed_fraction)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .calibrate import calibrate_routers
+    from .convert import convert
+    from .default_model import prepare_base
+
+    base = prepare_base()
+    all_in = work / "mod-all-in"
+    if not all_in.exists():
+        convert(base, all_in, routed_layers="every-other")
+    if mod_dir is None:
+        mod = work / f"mod-calibrated-{routed_fraction}"
+        if not mod.exists():
+            _log(f"calibrating routers for a routed fraction of {routed_fraction}")
+            tok = AutoTokenizer.from_pretrained(all_in)
+            model = AutoModelForCausalLM.from_pretrained(all_in, dtype=torch.float32).eval()
+            sample = torch.tensor(prompts_of(corpus_token_ids(tok, 8192), 512, 8))
+            frac = calibrate_routers(model, sample, routed_fraction, weight_std=0.05)
+            _log(f"  calibrated fractions: {json.dumps({k: round(v, 3) for k, v in frac.items()})}")
+            model.to(getattr(torch, dtype)).save_pretrained(mod)
+            tok.save_pretrained(mod)
+        mod_dir = str(mod)
+    return {"dense": str(base), "dense-eager": str(base), "mod-all-in": str(all_in), "mod": mod_dir}
+
+
+def run(args) -> dict:
+    from transformers import AutoTokenizer
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    models = make_models(work, args.routed_fraction, args.model, args.dtype)
+    tok = AutoTokenizer.from_pretrained(models["dense"])
+    longest = max(args.lengths)
+    corpus = corpus_token_ids(tok, longest * max(args.batches) + longest)
+    max_len = longest + args.decode_tokens + BLOCK_SIZE
+    results: dict = {"models": models, "args": vars(args), "timing": {}, "kv": {}, "concurrency": {}, "routing": {}}
+    for name, path in models.items():
+        _log(f"{name}: timing runs ({path})")
+        eager = name == "dense-eager"
+        with engine(path, args.kv_gib << 30, max_len, args.dtype, eager=eager) as llm:
+            timed_run(llm, prompts_of(corpus, 128, 2), 4, f"{name}-warmup")
+            for length in args.lengths:
+                for batch in args.batches:
+                    r = timed_run(llm, prompts_of(corpus, length, batch), args.decode_tokens, f"{name}-{length}-{batch}")
+                    results["timing"][f"{name}|{length}|{batch}"] = r
+                    _log(f"  L={length} B={batch}: TTFT {r['ttft_s']:.3f}s TPOT {1000 * r['tpot_s']:.1f}ms "
+                         f"KV {r['kv_bytes_per_token']:.0f} B/token")
+            stats = llm.collective_rpc("mod_kv_stats")[0] if name.startswith("mod") else {}
+            results["routing"][name] = stats.get("routed_fraction", {})
+        if eager:
+            continue  # same KV footprint as dense
+        _log(f"{name}: concurrency under a {args.budget_mib} MiB KV budget")
+        with engine(path, args.budget_mib << 20, max_len, args.dtype, max_num_seqs=256) as llm:
+            conc_prompts = prompts_of(corpus, args.concurrency_length, args.concurrency_requests)
+            results["concurrency"][name] = peak_concurrency(llm, conc_prompts, args.decode_tokens)
+            _log(f"  peak running requests of {args.concurrency_length} tokens: {results['concurrency'][name]}")
+    return results
+
+
+def report(results: dict, out_dir: Path) -> str:
+    """Markdown table (ratios against dense) and a PNG plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    args = results["args"]
+    timing = results["timing"]
+    names = list(results["models"])
+    lines = ["## Latency (mean per request; ratio = dense / model, > 1 is faster than dense)", ""]
+    lines.append("| prompt | batch | model | TTFT s | TPOT ms | TTFT ratio | TPOT ratio |")
+    lines.append("|---:|---:|---|---:|---:|---:|---:|")
+    for length in args["lengths"]:
+        for batch in args["batches"]:
+            d = timing[f"dense|{length}|{batch}"]
+            for name in names:
+                r = timing[f"{name}|{length}|{batch}"]
+                lines.append(
+                    f"| {length} | {batch} | {name} | {r['ttft_s']:.3f} | {1000 * r['tpot_s']:.1f} | "
+                    f"{d['ttft_s'] / r['ttft_s']:.2f} | {d['tpot_s'] / r['tpot_s']:.2f} |"
+                )
+    lines += ["", "## KV memory", ""]
+    routing = results["routing"].get("mod", {})
+    num_layers = 30
+    mean_frac = statistics.mean(routing.values()) if routing else 1.0
+    ideal_ratio = (num_layers - len(routing) + sum(routing.values())) / num_layers if routing else 1.0
+    lines.append("| prompt | model | KV bytes/token | ratio to dense | routed-fraction ideal | vs ideal |")
+    lines.append("|---:|---|---:|---:|---:|---:|")
+    for length in args["lengths"]:
+        d = timing[f"dense|{length}|1"]["kv_bytes_per_token"]
+        for name in names:
+            kv = timing[f"{name}|{length}|1"]["kv_bytes_per_token"]
+            ideal = 1.0 if name != "mod" else ideal_ratio
+            lines.append(f"| {length} | {name} | {kv:.0f} | {kv / d:.3f} | {ideal:.3f} | {kv / d / ideal:.3f} |")
+    lines += ["", f"Routed fraction over all tokens the MoD engine saw (mean {mean_frac:.3f}):", ""]
+    lines.append("| layer | " + " | ".join(routing) + " |")
+    lines.append("|---|" + "---:|" * len(routing))
+    lines.append("| routed | " + " | ".join(f"{v:.2f}" for v in routing.values()) + " |")
+    lines += ["", f"## Concurrency under one KV budget ({args['budget_mib']} MiB, prompts of "
+              f"{args['concurrency_length']} tokens, {args['concurrency_requests']} submitted)", ""]
+    lines.append("| model | peak running requests | ratio to dense |")
+    lines.append("|---|---:|---:|")
+    for name in results["concurrency"]:
+        c = results["concurrency"][name]
+        lines.append(f"| {name} | {c} | {c / results['concurrency']['dense']:.2f} |")
+    table = "\n".join(lines) + "\n"
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name in names:
+        for batch, style in zip(args["batches"], ["-o", "--s"]):
+            axes[0].plot(args["lengths"], [timing[f"{name}|{l}|{batch}"]["ttft_s"] for l in args["lengths"]], style,
+                         label=f"{name} B={batch}")
+            axes[1].plot(args["lengths"], [1000 * timing[f"{name}|{l}|{batch}"]["tpot_s"] for l in args["lengths"]],
+                         style, label=f"{name} B={batch}")
+    axes[0].set(title="TTFT", xlabel="prompt tokens", ylabel="s")
+    axes[1].set(title="TPOT", xlabel="prompt tokens", ylabel="ms")
+    axes[0].legend(fontsize=7)
+    if routing:
+        axes[2].bar(list(routing), list(routing.values()))
+    axes[2].set(title="routed fraction per routed layer (mod)", xlabel="layer", ylim=(0, 1))
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_dir / "bench.png", dpi=110)
+    (out_dir / "bench.md").write_text(table)
+    (out_dir / "bench.json").write_text(json.dumps(results, indent=2, default=str))
+    return table
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mod-serve bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="MoD checkpoint to benchmark (default: the default model with calibrated routers)")
+    p.add_argument("--routed-fraction", type=float, default=0.5, help="for the calibrated default (0 < f <= 1)")
+    p.add_argument("--lengths", default="512,2048,4096", help="prompt lengths, comma separated")
+    p.add_argument("--batches", default="1,8", help="batch sizes, comma separated")
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--kv-gib", type=int, default=4, help="KV cache for the timing runs (GiB)")
+    p.add_argument("--budget-mib", type=int, default=256, help="KV budget for the concurrency run (MiB)")
+    p.add_argument("--concurrency-length", type=int, default=1024)
+    p.add_argument("--concurrency-requests", type=int, default=48)
+    p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "mod-serve" / "bench"))
+    p.add_argument("--out", default="docs/bench", help="directory for bench.md, bench.png, bench.json")
+    args = p.parse_args(argv)
+    try:
+        args.lengths = [int(x) for x in args.lengths.split(",")]
+        args.batches = [int(x) for x in args.batches.split(",")]
+    except ValueError:
+        p.error("--lengths and --batches take comma-separated integers")
+    if not 0 < args.routed_fraction <= 1:
+        p.error("--routed-fraction must be in (0, 1]")
+    if 1 not in args.batches:
+        p.error("--batches must include 1 (KV bytes per token are read from the batch-1 runs)")
+    results = run(args)
+    print(report(results, Path(args.out)))
+    return 0
