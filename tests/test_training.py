@@ -157,3 +157,23 @@ def test_precondition_is_a_pure_reparametrization():
     for j, r in model.routers().items():
         torch.testing.assert_close(r.weight, before[j][0])
         assert sorted(dict(r.named_parameters())) == ["bias", "weight"]
+
+
+def test_lora_run_exports_adapter_that_eval_merges(tmp_path):
+    from mod_serve.training.evaluate import load_for_eval
+    from mod_serve.training.model import load_model
+
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    ids = _ids()
+    cfg = _cfg(tmp_path, base=str(base), trainable="lora", lr=0.05, alpha=1.0, max_steps=3, init="importance",
+               init_sequences=4, routed_layers=[1, 3, 5], export=["routers", "adapter"])
+    summary = train(cfg, model=load_model(cfg), train_ids=ids, progress=False)
+    assert (tmp_path / "run" / "adapter").is_dir()
+    trained = summary["model"].eval()
+    loaded = load_for_eval(str(tmp_path / "run"))
+    with torch.no_grad():
+        a, b = trained(ids[:2]), loaded(ids[:2])
+    for j in (1, 3, 5):
+        assert torch.equal(a.routed_masks[j], b.routed_masks[j])
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)

@@ -50,10 +50,12 @@ def load_for_eval(target: str, base: str = "default", dtype=torch.float32) -> Mo
     path = Path(target)
     if path.is_dir() and (path / "config.json").is_file():
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    adapter = None
     if path.is_dir():
         run_cfg = path / "train_config.json"
         if run_cfg.is_file() and base == "default":
             base = json.loads(run_cfg.read_text()).get("base", base)
+        adapter = path / "adapter" if (path / "adapter").is_dir() else None
         path = path / "routers.safetensors"
     tensors, mod = read_routers(path)
     base_dir = resolve_base(base)
@@ -65,6 +67,10 @@ def load_for_eval(target: str, base: str = "default", dtype=torch.float32) -> Mo
     missing = model.load_state_dict(tensors, strict=False).unexpected_keys
     if missing:
         raise ValueError(f"routers file has tensors for layers this model does not route: {missing[:3]}")
+    if adapter is not None:  # a routers + LoRA run: merge the adapter into the base weights
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
     return model
 
 
