@@ -63,6 +63,7 @@ class TrainConfig:
     init_sequences: int = 16
     lr: float = 5e-3
     precondition: bool = True  # train router weights as u / max|h| per coordinate (precondition.py)
+    massive_ratio: float = 0.0  # > 0: freeze router weights on massive-activation coordinates
     router_lr: float | None = None  # router weights; defaults to lr
     bias_lr: float | None = None  # router biases; defaults to router_lr (Adam moves a weight's
     # logit by ~lr * sum|h|, a bias's by ~lr, so the two want different rates)

@@ -40,8 +40,12 @@ def input_scales(model, ids: torch.Tensor) -> dict[int, torch.Tensor]:
     return {j: hs[j].abs().amax(dim=(0, 1)).clamp(min=1.0).view(1, -1) for j in model.routers()}
 
 
-def precondition(model, ids: torch.Tensor) -> None:
+def precondition(model, ids: torch.Tensor, massive_ratio: float = 0.0) -> None:
+    """``massive_ratio`` > 0 also freezes (scale 1e12) the coordinates whose max |h| exceeds that many
+    times the median coordinate's: the sink's massive activations then cannot move its logit."""
     for j, s in input_scales(model, ids).items():
+        if massive_ratio > 0:
+            s = torch.where(s > massive_ratio * s.median(), torch.full_like(s, 1e12), s)
         router = model.routers()[j]
         parametrize.register_parametrization(router, "weight", InverseScale(s.to(router.weight.dtype)))
 

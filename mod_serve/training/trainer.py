@@ -82,7 +82,7 @@ def train(cfg: TrainConfig, model=None, train_ids: torch.Tensor | None = None, h
         if init is not None:
             tqdm.write(f"router init {cfg.init}: routed fraction {json.dumps({k: round(v, 3) for k, v in init.items()})}")
     if cfg.precondition:  # recomputed identically on resume: same sample, same weights
-        precondition(model, train_ids[: max(1, min(4, cfg.init_sequences))])
+        precondition(model, train_ids[: max(1, min(4, cfg.init_sequences))], cfg.massive_ratio)
     model = setup_trainable(model, cfg)
     model.train()
     weights = [p for n, p in model.named_parameters() if p.requires_grad and ".router." in n and not n.endswith("bias")]
