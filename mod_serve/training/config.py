@@ -43,7 +43,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     base: str = "default"  # checkpoint dir, or "default" for the default base (SmolLM2-135M-Instruct)
-    output: str = "runs/default"
+    output: str = ".cache/runs/default"  # .cache/ is git-ignored
     routed_layers: str | list[int] = "every-other"
     threshold: float = 0.5
     router: str = "threshold"  # threshold | topk
