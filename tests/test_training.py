@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from mod_serve.modeling import MoDLlamaForCausalLM
@@ -12,6 +13,15 @@ from mod_serve.training.export import read_routers, save_checkpoint, save_router
 from mod_serve.training.objective import aux_loss
 from mod_serve.training.trainer import kv_ratio, train
 from tests.conftest import TINY, tiny_llama, tiny_mod
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on busy shared cores threads cost seconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _ids(n=16, T=24, seed=0):
