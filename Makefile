@@ -29,7 +29,7 @@ serve: install
 test: install
 	$(VENV)/bin/python -m pytest $(ARGS)
 
-bench: install
+bench: install  # writes docs/bench/ (see docs/benchmarks.md)
 	$(VENV)/bin/mod-serve bench $(ARGS)
 
 clean:

@@ -244,17 +244,6 @@ class MoDScheduler(Scheduler):
                 managers[layer].settle(req_id, settled, count)
         return super().update_from_output(scheduler_output, model_runner_output)
 
-    def mod_kv_blocks(self) -> dict[str, int]:
-        """Blocks held by routed layers now, against what dense layers would hold."""
-        held = dense = 0
-        for m in self.routed_managers().values():
-            for req_id, blocks in m.req_to_blocks.items():
-                held += len(blocks)
-                req = self.requests.get(req_id)
-                if req is not None:
-                    dense += cdiv(req.num_computed_tokens, m.block_size)
-        return {"routed_kv_blocks": held, "dense_equivalent_kv_blocks": dense}
-
 
 # --------------------------------------------------------------------------------------------
 # Worker: bind the runner to the model, trim block tables, report routed counts

@@ -134,3 +134,32 @@ def test_mod_is_preempted_less_than_dense_under_one_kv_budget(half_skip_model_di
     assert dense_preemptions > 0
     assert mod_preemptions < dense_preemptions
     assert [o[:MAX_TOKENS] for o in outs] == want
+
+
+@pytest.fixture(scope="module")
+def trained_model_dir(default_base_dir, tmp_path_factory):
+    """The default base with the routers committed by the training module (p = 0.7)."""
+    import shutil
+
+    from mod_serve.convert import ROUTER_SHARD, convert
+    from mod_serve.default_model import ASSETS
+    from mod_serve.training.export import read_routers
+
+    routers = ASSETS / "trained_routers_p0.7.safetensors"
+    _, mod = read_routers(routers)
+    dst = convert(default_base_dir, tmp_path_factory.mktemp("trained") / "mod", threshold=mod["threshold"],
+                  routed_layers=mod["routed_layers"])
+    shutil.copy2(routers, dst / ROUTER_SHARD)
+    return dst
+
+
+def test_trained_checkpoint_routes_identically_in_reference_and_vllm(trained_model_dir, prompts):
+    subset = prompts[:8]
+    want, want_routed = reference_generate(trained_model_dir, subset, MAX_TOKENS)
+    with inproc_llm(str(trained_model_dir)) as llm:
+        got = token_ids(llm.generate(_tokens_prompts(subset), greedy(MAX_TOKENS)))
+        stats = llm.collective_rpc("mod_kv_stats")[0]
+    assert got == want
+    assert {int(k): v for k, v in stats["routed_tokens"].items()} == want_routed
+    total = sum(len(p) + MAX_TOKENS - 1 for p in subset)
+    assert min(want_routed.values()) < total  # the trained routers do skip tokens
