@@ -19,14 +19,13 @@ lengths and batch sizes. Writes a markdown table and a PNG plot.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from .inproc import inproc_llm, scheduler
 
 BLOCK_SIZE = 32
 
@@ -64,35 +63,21 @@ def prompts_of(corpus: list[int], length: int, count: int) -> list[list[int]]:
     return [corpus[i * step : i * step + length] for i in range(count)]
 
 
-@contextlib.contextmanager
 def engine(model: str, kv_bytes: int, max_model_len: int, dtype: str, max_num_seqs: int = 64, eager: bool = False):
-    from vllm import LLM
-
+    """The same engine settings for every model; ``eager`` switches off torch.compile."""
     extra = {"enforce_eager": True, "compilation_config": {"mode": 0}} if eager else {}
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    llm = LLM(
-        model=model,
+    return inproc_llm(
+        model,
         dtype=dtype,
         max_model_len=max_model_len,
         block_size=BLOCK_SIZE,
         kv_cache_memory_bytes=kv_bytes,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max(8192, max_model_len),
-        distributed_executor_backend="uni",
         enable_prefix_caching=False,
         seed=0,
         **extra,
     )
-    try:
-        yield llm
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-
-
-def _scheduler(llm):
-    return llm.llm_engine.engine_core.engine_core.scheduler
 
 
 def _params(max_tokens: int):
@@ -103,7 +88,7 @@ def _params(max_tokens: int):
 
 def held_bytes(llm, req_id: str) -> int:
     """Bytes of KV blocks the scheduler holds for one request, over all KV cache groups."""
-    kvm = _scheduler(llm).kv_cache_manager
+    kvm = scheduler(llm).kv_cache_manager
     groups = kvm.kv_cache_config.kv_cache_groups
     return sum(
         len(m.req_to_blocks.get(req_id, ())) * g.kv_cache_spec.page_size_bytes * len(g.layer_names)
@@ -140,7 +125,7 @@ def timed_run(llm, prompts: list[list[int]], decode_tokens: int, tag: str) -> di
 
 
 def _internal_id(llm, external_id: str) -> str | None:
-    for rid in _scheduler(llm).requests:
+    for rid in scheduler(llm).requests:
         if rid == external_id or rid.startswith(external_id):
             return rid
     return None
@@ -154,7 +139,7 @@ def peak_concurrency(llm, prompts: list[list[int]], decode_tokens: int) -> int:
     peak = 0
     while engine.has_unfinished_requests():
         engine.step()
-        peak = max(peak, len(_scheduler(llm).running))
+        peak = max(peak, len(scheduler(llm).running))
     return peak
 
 

@@ -239,6 +239,10 @@ class MoDScheduler(Scheduler):
     def update_from_output(self, scheduler_output, model_runner_output):
         report = getattr(model_runner_output, "mod_routed", None) or {}
         managers = self.routed_managers()
+        if managers and scheduler_output.total_num_scheduled_tokens and not report:
+            # Without the report the scheduler's block lists and the worker's trimmed block
+            # tables would disagree, and later writes would land in the wrong blocks.
+            raise RuntimeError("mod-serve: the worker's routed-token report is missing from the step output")
         for req_id, (settled, routed) in report.items():
             for layer, count in routed.items():
                 managers[layer].settle(req_id, settled, count)

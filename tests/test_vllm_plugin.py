@@ -20,6 +20,7 @@ from tests.vllm_helpers import (
     mixed_prompts,
     reference_generate,
     routed_managers,
+    scheduler,
     token_ids,
     worker,
 )
@@ -113,7 +114,7 @@ def test_chunked_prefill_matches_reference(half_skip_model_dir, prompts, referen
 
 
 def scheduler_pool(llm) -> int:
-    return llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool.num_gpu_blocks - 1
+    return scheduler(llm).kv_cache_manager.block_pool.num_gpu_blocks - 1  # minus vLLM's null block
 
 
 def test_mod_is_preempted_less_than_dense_under_one_kv_budget(half_skip_model_dir, dense_f32_dir, prompts, reference):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import gc
-import os
 
 import torch
 
+from mod_serve.inproc import inproc_llm as _inproc_llm
+from mod_serve.inproc import scheduler, worker  # noqa: F401  (re-exported for the tests)
 from mod_serve.vllm_internals import RoutedKVManager
 
 BLOCK_SIZE = 32
@@ -36,42 +36,18 @@ def mixed_prompts(tokenizer, n: int = 16) -> list[list[int]]:
 
 @contextlib.contextmanager
 def inproc_llm(model: str, **kwargs):
-    """An ``LLM`` whose engine core and worker live in this process, so tests can read the
-    scheduler's KV managers and the worker's block tables directly."""
-    from vllm import LLM
-
-    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    """The in-process engine with the tests' defaults: float32, block size 32, 256 MiB of KV."""
     args = dict(
         dtype="float32",
         max_model_len=1024,
         block_size=BLOCK_SIZE,
         max_num_seqs=32,
         seed=0,
-        distributed_executor_backend="uni",
         kv_cache_memory_bytes=256 << 20,
         disable_log_stats=False,
     )
-    args.update(kwargs)
-    llm = LLM(model=model, **args)
-    try:
+    with _inproc_llm(model, **{**args, **kwargs}) as llm:
         yield llm
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-        if old is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
-
-
-def scheduler(llm):
-    return llm.llm_engine.engine_core.engine_core.scheduler
-
-
-def worker(llm):
-    return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
 
 
 def routed_managers(llm) -> dict[int, RoutedKVManager]:
