@@ -185,7 +185,13 @@ class MoDConfigHook(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
         from vllm.config import CompilationMode
+        from vllm.platforms import current_platform
 
+        if not current_platform.is_cpu():
+            raise ValueError(
+                "mod-serve: routed attention for MoD checkpoints is implemented for vLLM's CPU attention "
+                "backend only; the CUDA path (flash-attn) is not implemented yet"
+            )
         cache, sched, par = vllm_config.cache_config, vllm_config.scheduler_config, vllm_config.parallel_config
         if cache.enable_prefix_caching:
             logger.warning(
