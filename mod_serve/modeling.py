@@ -38,7 +38,6 @@ so every token is routed in and each layer's update is scaled by g, i.e. almost 
 class MoDOutput:
     logits: torch.Tensor
     router_probs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, T] float32
-    router_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # pre-sigmoid scores
     routed_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, T] bool
     loss: torch.Tensor | None = None
 
@@ -78,14 +77,9 @@ class RoutedKVCache:
         return k, v
 
 
-def router_logits(router: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    """w . h + b, computed in float32: [..., hidden] -> [...]."""
-    return F.linear(hidden.float(), router.weight.float(), router.bias.float()).squeeze(-1)
-
-
 def router_probs(router: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     """g = sigmoid(w . h + b), computed in float32: [..., hidden] -> [...]."""
-    return torch.sigmoid(router_logits(router, hidden))
+    return torch.sigmoid(F.linear(hidden.float(), router.weight.float(), router.bias.float())).squeeze(-1)
 
 
 def route(g: torch.Tensor, routing: RoutingConfig, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -214,10 +208,9 @@ class MoDLlamaForCausalLM(LlamaForCausalLM):
                 continue
             if router_hook is not None:
                 router_hook(i, h, valid)
-            logits = router_logits(layer.router, h)
-            g = torch.sigmoid(logits)
+            g = router_probs(layer.router, h)
             m = route(g, routing, valid)
-            out.router_logits[i], out.router_probs[i], out.routed_masks[i] = logits, g, m
+            out.router_probs[i], out.routed_masks[i] = g, m
             if cache is None:
                 layer_out = decoder_layer_forward(layer, h, cos, sin, routed_attention_mask(m & valid))
                 h = torch.where(m.unsqueeze(-1), gated_update(h, layer_out, g), h)

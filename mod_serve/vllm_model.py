@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
@@ -28,7 +27,7 @@ from vllm.model_executor.models.utils import (
 from vllm.sequence import IntermediateTensors
 
 from .config import RoutingConfig
-from .modeling import gated_update
+from .modeling import gated_update, router_probs
 from .vllm_internals import RoutingState, make_attention_routed, routed_attention
 
 
@@ -51,11 +50,6 @@ class MoDLlamaDecoderLayer(LlamaDecoderLayer):
             # A plain Linear: the router is tiny, replicated, and must stay unpacked (float32 math).
             self.router = nn.Linear(config.hidden_size, 1, bias=True)
             make_attention_routed(self.self_attn.attn, self.layer_index)
-
-    def router_probs(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """g = sigmoid(w . h + b) in float32, as in the reference."""
-        w, b = self.router.weight, self.router.bias
-        return torch.sigmoid(F.linear(hidden_states.float(), w.float(), b.float())).squeeze(-1)
 
     def forward_routed(self, positions, hidden_states, step, slot, routed_idx) -> torch.Tensor:
         """layer(h) for the routed tokens only (un-fused residual form: returns the full output)."""
@@ -100,7 +94,9 @@ class MoDLlamaModel(nn.Module):
         if not isinstance(metadata, dict):
             return None
         first = metadata.get(self.layers[0].self_attn.attn.layer_name)
-        return None if first is None else self.routing_state.begin(first.query_start_loc[: first_num_reqs(first) + 1])
+        if first is None:
+            return None
+        return self.routing_state.begin(first.query_start_loc[: first.seq_lens.numel() + 1])
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
@@ -113,7 +109,7 @@ class MoDLlamaModel(nn.Module):
                 continue
             h = hidden if residual is None else hidden + residual
             residual = None
-            g = layer.router_probs(h)
+            g = router_probs(layer.router, h)  # the reference's function: same float32 math
             if step is None:  # profiling / warm-up run: no requests, nothing to route or cache
                 hidden = h
                 continue
@@ -132,10 +128,6 @@ class MoDLlamaModel(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)
-
-
-def first_num_reqs(metadata) -> int:
-    return int(metadata.seq_lens.numel())
 
 
 class MoDLlamaForCausalLM(LlamaForCausalLM):

@@ -16,7 +16,7 @@ import torch
 from ..config import MoDLlamaConfig
 from ..modeling import MoDLlamaForCausalLM
 from .export import read_routers
-from .model import dense_routing, resolve_base
+from .model import resolve_base
 from .trainer import kv_ratio
 
 

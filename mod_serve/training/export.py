@@ -16,10 +16,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..convert import INDEX, ROUTER_SHARD
+from ..convert import INDEX, ROUTER_SHARD, read_routers  # noqa: F401  (re-exported)
 from ..modeling import MoDLlamaForCausalLM
 
 ROUTERS_FILE = "routers.safetensors"
@@ -49,21 +48,6 @@ def save_routers(model: MoDLlamaForCausalLM, path: str | os.PathLike, extra: dic
     save_file(router_tensors(model), str(tmp), metadata=meta)
     os.replace(tmp, path)
     return path
-
-
-def read_routers(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and routing (``mod`` dict) of a routers file."""
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = f.metadata() or {}
-    layers = meta.get("routed_layers", "")
-    mod = {
-        "routed_layers": [int(x) for x in layers.split(",") if x.strip()],
-        "threshold": float(meta.get("threshold", 0.5)),
-        "router": meta.get("router", "threshold"),
-        "capacity": float(meta.get("capacity", 0.125)),
-    }
-    return tensors, mod
 
 
 def save_checkpoint(model: MoDLlamaForCausalLM, dst: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
