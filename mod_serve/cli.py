@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "bench": ("mod_serve.bench:main", "benchmark a MoD model against its dense original on vLLM"),
     "train": ("mod_serve.training.cli:train_main", "MoDification training: LLaMA or MoD checkpoint -> MoD"),
     "eval": ("mod_serve.training.cli:eval_main", "held-out perplexity and routing statistics of a checkpoint"),
+    "chat-data": ("mod_serve.training.chatdata:main", "chat conversations written by the dense model, for distillation"),
 }
 
 
@@ -28,10 +29,13 @@ def convert_main(argv: list[str]) -> int:
     p.add_argument(
         "--routed-layers", default="every-other", help="all | every-other (default) | none | 1,3,5 | 2-10"
     )
+    p.add_argument("--sink-tokens", type=int, default=0,
+                   help="first positions of every sequence always routed in (the attention sink; default 0)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     args = p.parse_args(argv)
     try:
-        dst = convert(args.src, args.dst, args.threshold, args.routed_layers, overwrite=args.force)
+        dst = convert(args.src, args.dst, args.threshold, args.routed_layers, overwrite=args.force,
+                      sink_tokens=args.sink_tokens)
     except ConversionError as e:
         p.error(str(e))
     except ValueError as e:  # --routed-layers parse errors name the option themselves

@@ -5,7 +5,7 @@ A MoD checkpoint's config.json is the base LLaMA's, with three changes:
 loading a dense model), ``"architectures": ["MoDLlamaForCausalLM"]`` and::
 
     "mod": {"routed_layers": [1, 3, ...], "threshold": 0.5,
-            "router": "threshold", "capacity": 0.125}
+            "router": "threshold", "capacity": 0.125, "sink_tokens": 1}
 
 ``router`` is ``"threshold"`` (MoDification's causal threshold-p, what is served) or
 ``"topk"`` (the original MoD top-k operator, a training-time comparison only).
@@ -31,12 +31,13 @@ class RoutingConfig:
     threshold: float = 0.5
     router: str = "threshold"
     capacity: float = 0.125
+    sink_tokens: int = 0
 
     @classmethod
     def from_dict(cls, mod: dict, num_layers: int) -> "RoutingConfig":
         if not isinstance(mod, dict):
             raise ValueError(f"config field 'mod' must be an object, got {type(mod).__name__}")
-        unknown = set(mod) - {"routed_layers", "threshold", "router", "capacity"}
+        unknown = set(mod) - {"routed_layers", "threshold", "router", "capacity", "sink_tokens"}
         if unknown:
             raise ValueError(f"config field 'mod' has unknown keys {sorted(unknown)}")
         layers = mod.get("routed_layers", [])
@@ -56,7 +57,10 @@ class RoutingConfig:
         capacity = mod.get("capacity", 0.125)
         if not isinstance(capacity, (int, float)) or not 0 < capacity <= 1:
             raise ValueError(f"mod.capacity must be in (0, 1], got {capacity!r}")
-        return cls(tuple(sorted(layers)), float(threshold), router, float(capacity))
+        sink_tokens = mod.get("sink_tokens", 0)
+        if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or sink_tokens < 0:
+            raise ValueError(f"mod.sink_tokens must be an integer >= 0, got {sink_tokens!r}")
+        return cls(tuple(sorted(layers)), float(threshold), router, float(capacity), sink_tokens)
 
     def to_dict(self) -> dict:
         return {
@@ -64,6 +68,7 @@ class RoutingConfig:
             "threshold": self.threshold,
             "router": self.router,
             "capacity": self.capacity,
+            "sink_tokens": self.sink_tokens,
         }
 
 

@@ -99,6 +99,7 @@ def convert(
     threshold: float = 0.5,
     routed_layers: str | list[int] = "every-other",
     overwrite: bool = False,
+    sink_tokens: int = 0,
 ) -> Path:
     """Write a MoD checkpoint of ``src`` to ``dst``; returns ``dst``."""
     src, dst = Path(src), Path(dst)
@@ -106,7 +107,9 @@ def convert(
     num_layers, hidden = config["num_hidden_layers"], config["hidden_size"]
     layers = parse_routed_layers(routed_layers, num_layers) if isinstance(routed_layers, str) else routed_layers
     try:
-        routing = RoutingConfig.from_dict({"routed_layers": list(layers), "threshold": threshold}, num_layers)
+        routing = RoutingConfig.from_dict(
+            {"routed_layers": list(layers), "threshold": threshold, "sink_tokens": sink_tokens}, num_layers
+        )
     except ValueError as e:
         raise ConversionError(str(e)) from None
     if dst.exists() and not overwrite:
@@ -172,7 +175,7 @@ def convert(
 
 def read_routers(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and routing (``mod`` dict) of a routers file: router tensors plus metadata
-    ``routed_layers`` ("1,3,5"), ``threshold``, ``router``, ``capacity`` (what training exports and
+    ``routed_layers`` ("1,3,5"), ``threshold``, ``router``, ``capacity``, ``sink_tokens`` (what training exports and
     ``mod_serve/assets/default_routers.safetensors`` uses)."""
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -183,5 +186,49 @@ def read_routers(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         "threshold": float(meta.get("threshold", 0.5)),
         "router": meta.get("router", "threshold"),
         "capacity": float(meta.get("capacity", 0.125)),
+        "sink_tokens": int(meta.get("sink_tokens", 0)),
     }
     return tensors, mod
+
+
+def read_adapter(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A low-rank weight-delta file: weight name -> (A [r, in], B [out, r]), delta = B @ A.
+
+    Tensors ``{weight name}.lora_A`` / ``.lora_B``, the LoRA scale already folded into B (what
+    training exports as ``adapter.safetensors`` and ``mod_serve/assets/default_adapter.safetensors``
+    is)."""
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    names = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    bad = [k for k in tensors if not k.endswith((".lora_A", ".lora_B"))]
+    if bad or len(tensors) != 2 * len(names):
+        raise ConversionError(f"{path}: not an adapter file (expected NAME.lora_A / NAME.lora_B pairs)")
+    return {n: (tensors[n + ".lora_A"], tensors[n + ".lora_B"]) for n in names}
+
+
+def merge_adapter(checkpoint: str | os.PathLike, adapter: str | os.PathLike) -> int:
+    """Add an adapter's deltas into a checkpoint's safetensors shards in place (float32 math,
+    stored in each weight's dtype); returns how many weights changed."""
+    checkpoint = Path(checkpoint)
+    deltas = read_adapter(adapter)
+    files = [f for f in _weight_files(checkpoint) if f.name != ROUTER_SHARD]
+    names = _tensor_names(files)
+    missing = [n for n in deltas if n not in names]
+    if missing:
+        raise ConversionError(f"adapter weights not in {checkpoint}: {missing[:3]}")
+    for f in files:
+        todo = [n for n in deltas if names[n] == f]
+        if not todo:
+            continue
+        with safe_open(str(f), framework="pt") as sf:
+            tensors = {k: sf.get_tensor(k) for k in sf.keys()}
+        for n in todo:
+            a, b = deltas[n]
+            w = tensors[n]
+            if (b.shape[0], a.shape[1]) != tuple(w.shape):
+                raise ConversionError(f"adapter delta for {n} is {b.shape[0]}x{a.shape[1]}, weight is {tuple(w.shape)}")
+            tensors[n] = (w.float() + b.float() @ a.float()).to(w.dtype).contiguous()
+        tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, f)
+    return len(deltas)

@@ -7,7 +7,9 @@ Prepared once, offline, into a cache directory (``$MOD_SERVE_CACHE``, else
    safetensors checkpoint with its tokenizer and chat template;
 2. ``SmolLM2-135M-Instruct-MoD/``: that checkpoint converted to MoD, with the committed trained
    routers (``mod_serve/assets/default_routers.safetensors``) when present, else routers that
-   route every token in.
+   route every token in, and the committed LoRA weight deltas
+   (``mod_serve/assets/default_adapter.safetensors``, trained with those routers so that the layers
+   cope with the tokens they no longer see) merged into the base weights when present.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ BASE_NAME = "SmolLM2-135M-Instruct"
 MOD_NAME = "SmolLM2-135M-Instruct-MoD"
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_ROUTERS = ASSETS / "default_routers.safetensors"
+DEFAULT_ADAPTER = ASSETS / "default_adapter.safetensors"
 DEFAULT_MOD = {"routed_layers": "every-other", "threshold": 0.5}
 
 
@@ -92,7 +95,7 @@ def prepare_default_model(force: bool = False) -> Path:
     """Return the default MoD checkpoint directory, preparing it on first use."""
     from safetensors.torch import save_file
 
-    from .convert import ROUTER_SHARD, convert, read_routers
+    from .convert import ROUTER_SHARD, convert, merge_adapter, read_routers
 
     dst = cache_dir() / MOD_NAME
     stamp = dst / "mod_serve_stamp.json"
@@ -104,9 +107,13 @@ def prepare_default_model(force: bool = False) -> Path:
     mod = dict(DEFAULT_MOD)
     if DEFAULT_ROUTERS.is_file():
         trained, mod = read_routers(DEFAULT_ROUTERS)
-    convert(base, dst, threshold=mod["threshold"], routed_layers=mod["routed_layers"], overwrite=True)
+    convert(base, dst, threshold=mod["threshold"], routed_layers=mod["routed_layers"], overwrite=True,
+            sink_tokens=mod.get("sink_tokens", 0))
     if DEFAULT_ROUTERS.is_file():
         save_file(trained, str(dst / ROUTER_SHARD), metadata={"format": "pt"})
+    if DEFAULT_ADAPTER.is_file():
+        n = merge_adapter(dst, DEFAULT_ADAPTER)
+        _log(f"  merged {n} adapter weight deltas")
     stamp.write_text(json.dumps({"routers": routers_id}))
     _log(f"  done: {dst}")
     return dst
@@ -117,4 +124,7 @@ def _routers_id() -> str:
         return "untrained routers: every token routed in"
     import hashlib
 
-    return "trained routers " + hashlib.sha256(DEFAULT_ROUTERS.read_bytes()).hexdigest()[:12]
+    tag = "trained routers " + hashlib.sha256(DEFAULT_ROUTERS.read_bytes()).hexdigest()[:12]
+    if DEFAULT_ADAPTER.is_file():
+        tag += " + adapter " + hashlib.sha256(DEFAULT_ADAPTER.read_bytes()).hexdigest()[:12]
+    return tag

@@ -4,6 +4,7 @@ Semantics (the vLLM plugin and the trainer implement exactly these):
 
 * routed layer i has a router ``Linear(hidden, 1)``; ``g = sigmoid(router(h))`` in float32;
 * threshold-p: a token is routed into layer i iff ``g >= p`` (causal, token by token);
+* the first ``sink_tokens`` positions of a sequence get ``g = 1`` (always in: the attention sink);
 * a routed-in token gets ``h + g * (layer(h) - h)``, a skipped token keeps ``h``;
 * at layer i attention runs over routed-in tokens only (the only queries and keys), causally,
   with RoPE at each token's true absolute position.
@@ -80,6 +81,13 @@ class RoutedKVCache:
 def router_probs(router: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     """g = sigmoid(w . h + b), computed in float32: [..., hidden] -> [...]."""
     return torch.sigmoid(F.linear(hidden.float(), router.weight.float(), router.bias.float())).squeeze(-1)
+
+
+def force_sink(g: torch.Tensor, positions: torch.Tensor, sink_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, forced): the first ``sink_tokens`` absolute positions get g = 1 (full update) and are
+    routed in whatever the threshold."""
+    forced = positions < sink_tokens
+    return torch.where(forced, torch.ones_like(g), g), forced
 
 
 def route(g: torch.Tensor, routing: RoutingConfig, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -208,8 +216,8 @@ class MoDLlamaForCausalLM(LlamaForCausalLM):
                 continue
             if router_hook is not None:
                 router_hook(i, h, valid)
-            g = router_probs(layer.router, h)
-            m = route(g, routing, valid)
+            g, forced = force_sink(router_probs(layer.router, h), positions, routing.sink_tokens)
+            m = route(g, routing, valid) | (forced & valid)
             out.router_probs[i], out.routed_masks[i] = g, m
             if cache is None:
                 layer_out = decoder_layer_forward(layer, h, cos, sin, routed_attention_mask(m & valid))

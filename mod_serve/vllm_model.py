@@ -3,7 +3,7 @@
 A sibling of ``vllm/model_executor/models/llama.py`` that reuses its decoder layer, MLP, RMSNorm,
 rotary embedding and parallel linear layers. Semantics are those of the reference
 (``mod_serve.modeling``): ``g = sigmoid(router(h))`` in float32, a token runs routed layer i iff
-``g >= p``, then ``h <- h + g * (layer(h) - h)``; attention at layer i sees only the tokens routed
+``g >= p`` (the first ``sink_tokens`` positions always, with g = 1), then ``h <- h + g * (layer(h) - h)``; attention at layer i sees only the tokens routed
 into it, through that layer's compact paged KV cache (see ``mod_serve.vllm_internals``).
 """
 
@@ -27,7 +27,7 @@ from vllm.model_executor.models.utils import (
 from vllm.sequence import IntermediateTensors
 
 from .config import RoutingConfig
-from .modeling import gated_update, router_probs
+from .modeling import force_sink, gated_update, router_probs
 from .vllm_internals import RoutingState, make_attention_routed, routed_attention
 
 
@@ -109,11 +109,12 @@ class MoDLlamaModel(nn.Module):
                 continue
             h = hidden if residual is None else hidden + residual
             residual = None
-            g = router_probs(layer.router, h)  # the reference's function: same float32 math
+            # The reference's functions: the same float32 math and the same forced sink positions.
+            g, forced = force_sink(router_probs(layer.router, h), positions, self.routing.sink_tokens)
             if step is None:  # profiling / warm-up run: no requests, nothing to route or cache
                 hidden = h
                 continue
-            routed_idx = (g >= p).nonzero().squeeze(-1)
+            routed_idx = ((g >= p) | forced).nonzero().squeeze(-1)
             slot = self.routing_state.slot[layer.layer_index]
             if routed_idx.numel():
                 h_in = h[routed_idx]

@@ -65,18 +65,21 @@ EMPTY_LAYER = 29
 
 
 @pytest.fixture(scope="session")
-def half_skip_model_dir(default_model_dir, tmp_path_factory):
-    """The default model in float32 with routers calibrated so that about half of the tokens
-    skip every routed layer (a stand-in for a trained MoD model with known sparsity), except the
-    last layer, which no token enters (every batch gives that routed layer zero tokens)."""
+def half_skip_model_dir(default_base_dir, tmp_path_factory):
+    """The default base made MoD (every other layer routed) in float32, with routers calibrated so
+    that about half of the tokens skip every routed layer (a stand-in for a trained MoD model with
+    known sparsity), except the last layer, which no token enters (every batch gives that routed
+    layer zero tokens)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mod_serve.calibrate import calibrate_routers
+    from mod_serve.convert import convert
     from tests.vllm_helpers import mixed_prompts
 
     out = tmp_path_factory.mktemp("half_skip")
-    tok = AutoTokenizer.from_pretrained(default_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    src = convert(default_base_dir, tmp_path_factory.mktemp("every_other") / "mod", routed_layers="every-other")
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     texts = [tok.decode(p) for p in mixed_prompts(tok, 16)]
     enc = tok(texts, return_tensors="pt", padding=True)
     fractions = calibrate_routers(model, enc.input_ids, 0.5, attention_mask=enc.attention_mask, weight_std=0.05)

@@ -165,3 +165,38 @@ def test_router_probs_are_float32_for_bf16_hidden():
     router = torch.nn.Linear(8, 1).to(torch.bfloat16)
     g = router_probs(router, torch.randn(3, 8, dtype=torch.bfloat16))
     assert g.dtype == torch.float32 and g.shape == (3,)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("sink_tokens", [1, 3])
+def test_sink_tokens_always_run_every_layer_in_full(sink_tokens):
+    """Routers that send every token away still run the first ``sink_tokens`` positions through
+    every layer with gate 1: those positions see only each other, so their logits are the dense
+    model's; the compact cache then holds exactly them, also when decoding token by token."""
+    model = tiny_mod(routed_layers=(0, 1, 2, 3, 4, 5), half_skip=False)
+    model.config.mod = {**model.config.mod, "sink_tokens": sink_tokens}
+    for router in model.routers().values():
+        router.bias.fill_(-12.0)  # g ~ 6e-6: nothing would route in
+    ids = _ids(20, seed=sink_tokens)
+    out = model(ids)
+    for i, mask in out.routed_masks.items():
+        assert mask[0, :sink_tokens].all() and not mask[0, sink_tokens:].any(), i
+        assert torch.all(out.router_probs[i][0, :sink_tokens] == 1.0)
+    dense = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    dense.load_state_dict({k: v for k, v in model.state_dict().items() if ".router." not in k})
+    ref = dense(ids[:, :sink_tokens]).logits.float()
+    torch.testing.assert_close(out.logits[:, :sink_tokens], ref, rtol=1e-4, atol=1e-4)
+    cache = RoutedKVCache(model.config.num_hidden_layers)
+    steps = [model(ids[:, t : t + 1], cache=cache) for t in range(ids.shape[1])]
+    torch.testing.assert_close(torch.cat([s.logits for s in steps], dim=1), out.logits, rtol=1e-4, atol=1e-4)
+    assert all(cache.layer_len(i) == sink_tokens for i in range(6))
+
+
+def test_sink_tokens_config_is_validated():
+    from mod_serve.config import RoutingConfig
+
+    assert RoutingConfig.from_dict({"routed_layers": [1], "sink_tokens": 2}, 4).to_dict()["sink_tokens"] == 2
+    assert RoutingConfig.from_dict({"routed_layers": [1]}, 4).sink_tokens == 0  # older checkpoints
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="mod.sink_tokens"):
+            RoutingConfig.from_dict({"routed_layers": [1], "sink_tokens": bad}, 4)

@@ -177,7 +177,8 @@ def test_lora_run_exports_adapter_that_eval_merges(tmp_path):
     tiny_llama().save_pretrained(base)
     ids = _ids()
     cfg = _cfg(tmp_path, base=str(base), trainable="lora", lr=0.05, alpha=1.0, max_steps=3, init="importance",
-               init_sequences=4, routed_layers=[1, 3, 5], export=["routers", "adapter"])
+               init_sequences=4, routed_layers=[1, 3, 5], export=["routers", "adapter"], adapter_dtype="float32",
+               lora_targets=["q_proj", "v_proj", "down_proj"])
     summary = train(cfg, model=load_model(cfg), train_ids=ids, progress=False)
     assert (tmp_path / "run" / "adapter").is_dir()
     trained = summary["model"].eval()
@@ -187,3 +188,23 @@ def test_lora_run_exports_adapter_that_eval_merges(tmp_path):
     for j in (1, 3, 5):
         assert torch.equal(a.routed_masks[j], b.routed_masks[j])
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
+
+    # The flat adapter file (what the default model ships), merged by hand-free file surgery into a
+    # converted checkpoint, gives the peft-merged model: same routing, same logits.
+    import shutil
+
+    from mod_serve.convert import ROUTER_SHARD, convert, merge_adapter, read_adapter
+
+    deltas = read_adapter(tmp_path / "run" / "adapter.safetensors")
+    assert len(deltas) == 3 * 6 and all(a.shape[0] == cfg.lora_r for a, _ in deltas.values())
+    mod = convert(base, tmp_path / "mod", routed_layers=[1, 3, 5], sink_tokens=cfg.sink_tokens)
+    shutil.copy2(tmp_path / "run" / "routers.safetensors", mod / ROUTER_SHARD)
+    assert merge_adapter(mod, tmp_path / "run" / "adapter.safetensors") == 18
+    from transformers import AutoModelForCausalLM
+
+    served = AutoModelForCausalLM.from_pretrained(mod, dtype=torch.float32).eval()
+    with torch.no_grad():
+        c = served(ids[:2])
+    for j in (1, 3, 5):
+        assert torch.equal(a.routed_masks[j], c.routed_masks[j])
+    torch.testing.assert_close(a.logits, c.logits, rtol=1e-4, atol=1e-4)

@@ -93,6 +93,43 @@ def test_block_accounting_step_by_step_with_aborts(half_skip_model_dir, prompts)
         assert not any(m.req_to_blocks.get(r) for m in managers.values() for r in list(m.req_to_blocks))
 
 
+@pytest.fixture(scope="module")
+def sink_model_dir(half_skip_model_dir, tmp_path_factory):
+    """The half-skip model with ``sink_tokens = 2``: its empty layer then holds exactly two
+    tokens per request."""
+    import json
+    import shutil
+
+    dst = tmp_path_factory.mktemp("sink") / "mod"
+    shutil.copytree(half_skip_model_dir, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["mod"]["sink_tokens"] = 2
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_sink_tokens_routed_in_like_the_reference(sink_model_dir, prompts):
+    subset = prompts[:8]
+    want, want_routed = reference_generate(sink_model_dir, subset, MAX_TOKENS)
+    with inproc_llm(str(sink_model_dir)) as llm:
+        engine = llm.llm_engine
+        for i, p in enumerate(subset):
+            engine.add_request(f"r{i}", {"prompt_token_ids": p}, greedy(MAX_TOKENS))
+        engine.step()  # prefill: the empty layer keeps one block per request, for its two sinks
+        empty = routed_managers(llm)[EMPTY_LAYER]
+        held = {r: (empty.routed[r], len(b)) for r, b in empty.req_to_blocks.items() if b}
+        assert held and set(held.values()) == {(2, 1)}, held
+        got = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    got[out.request_id] = list(out.outputs[0].token_ids)
+        stats = llm.collective_rpc("mod_kv_stats")[0]
+    assert [got[f"r{i}"] for i in range(len(subset))] == want
+    assert {int(k): v for k, v in stats["routed_tokens"].items()} == want_routed
+    assert want_routed[EMPTY_LAYER] == 2 * len(subset)
+
+
 def test_all_routed_in_equals_vllm_llama(all_in_model_dir, dense_f32_dir, prompts):
     with inproc_llm(str(dense_f32_dir)) as llm:
         want = token_ids(llm.generate(_tokens_prompts(prompts), greedy(MAX_TOKENS)))
@@ -137,27 +174,11 @@ def test_mod_is_preempted_less_than_dense_under_one_kv_budget(half_skip_model_di
     assert [o[:MAX_TOKENS] for o in outs] == want
 
 
-@pytest.fixture(scope="module")
-def trained_model_dir(default_base_dir, tmp_path_factory):
-    """The default base with the routers committed by the training module (p = 0.7)."""
-    import shutil
-
-    from mod_serve.convert import ROUTER_SHARD, convert
-    from mod_serve.default_model import ASSETS
-    from mod_serve.training.export import read_routers
-
-    routers = ASSETS / "trained_routers_p0.7.safetensors"
-    _, mod = read_routers(routers)
-    dst = convert(default_base_dir, tmp_path_factory.mktemp("trained") / "mod", threshold=mod["threshold"],
-                  routed_layers=mod["routed_layers"])
-    shutil.copy2(routers, dst / ROUTER_SHARD)
-    return dst
-
-
-def test_trained_checkpoint_routes_identically_in_reference_and_vllm(trained_model_dir, prompts):
+def test_default_model_routes_identically_in_reference_and_vllm(default_model_dir, prompts):
+    """The shipped default: trained routers and the merged adapter, as `mod-serve serve` loads it."""
     subset = prompts[:8]
-    want, want_routed = reference_generate(trained_model_dir, subset, MAX_TOKENS)
-    with inproc_llm(str(trained_model_dir)) as llm:
+    want, want_routed = reference_generate(default_model_dir, subset, MAX_TOKENS)
+    with inproc_llm(str(default_model_dir)) as llm:
         got = token_ids(llm.generate(_tokens_prompts(subset), greedy(MAX_TOKENS)))
         stats = llm.collective_rpc("mod_kv_stats")[0]
     assert got == want

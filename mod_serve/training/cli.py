@@ -36,7 +36,8 @@ def eval_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mod-serve eval", description="held-out perplexity, routed fraction per layer and "
                                 "implied KV-memory ratio of a MoD model, against its dense original")
     p.add_argument("model", help="MoD checkpoint dir, routers .safetensors file, or a `mod-serve train` output dir")
-    p.add_argument("--base", default="default", help="base checkpoint for a routers file (default: the default base)")
+    p.add_argument("--base", default="default", help="base checkpoint: the weights under a routers file, and "
+                   "the dense baseline (default: a run's recorded base, else the default base)")
     p.add_argument("--heldout", help="data.pt of a run, or a run config to build the held-out split from "
                    "(default: the run dir's data.pt)")
     p.add_argument("--max-sequences", type=int, default=32)
@@ -48,8 +49,8 @@ def eval_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from .evaluate import load_for_eval, perplexity
-    from .model import dense_routing, resolve_base
+    from .evaluate import load_dense, load_for_eval, perplexity, run_base
+    from .model import resolve_base
 
     model = load_for_eval(args.model, args.base)
     heldout_src = args.heldout or (str(Path(args.model) / "data.pt") if Path(args.model).is_dir() else None)
@@ -74,10 +75,11 @@ def eval_main(argv: list[str]) -> int:
         tok = AutoTokenizer.from_pretrained(resolve_base(args.base))
     from .questions import accuracy
 
-    def row(label, routing=None):
-        r = {"label": label, **perplexity(model, heldout, routing)}
+    def row(label, routing=None, of=None):
+        of = model if of is None else of
+        r = {"label": label, **perplexity(of, heldout, routing)}
         if tok is not None:
-            r["accuracy"], r["answers"] = accuracy(model, tok, routing)
+            r["accuracy"], r["answers"] = accuracy(of, tok, routing)
         results["rows"].append(r)
         extra = f" acc={r['accuracy']:.3f}" if "accuracy" in r else ""
         print(f"{label:>16}: ppl={r['ppl']:.3f} routed_mean={r['routed_mean']:.3f} kv_ratio={r['kv_ratio']:.3f} "
@@ -85,7 +87,9 @@ def eval_main(argv: list[str]) -> int:
         print(f"{'':>16}  routed per layer: {r['routed']}", file=sys.stderr)
 
     if not args.no_dense:
-        row("dense", dense_routing())
+        dense = load_dense(run_base(args.model, args.base))
+        row("dense", of=dense)
+        del dense
     row(f"p={model.routing.threshold}" if model.routing.router == "threshold" else f"topk c={model.routing.capacity}")
     for t in args.threshold or []:
         model.set_threshold(t)

@@ -48,6 +48,7 @@ class TrainConfig:
     threshold: float = 0.5
     router: str = "threshold"  # threshold | topk
     capacity: float = 0.125  # top-k only
+    sink_tokens: int = 1  # first positions always routed in with gate 1 (mod_serve.config)
     alpha: float = 0.01  # weight of sum_j F_j * G_j
     aux_skip_first: int = 1  # leave each sequence's first tokens (the attention sink) out of F, G
     distill: float = 0.0  # weight of KL(dense teacher || student) on logits
@@ -60,6 +61,7 @@ class TrainConfig:
     init_gate: float = 0.9  # "bias": g for every token at the start
     init_fraction: float = 0.5  # "calibrate"/"importance": routed fraction at the start
     init_sharpness: float = 4.0  # "importance": std of the router logits at the start
+    init_threshold: float | None = None  # "importance": place the init_fraction cut at this p (default: threshold)
     init_sequences: int = 16
     lr: float = 5e-3
     precondition: bool = True  # train router weights as u / max|h| per coordinate (precondition.py)
@@ -82,6 +84,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     deepspeed: str | None = None  # a DeepSpeed ZeRO JSON config (configs/deepspeed_zero2.json)
     export: list[str] = field(default_factory=lambda: ["routers"])  # routers | adapter | checkpoint
+    adapter_dtype: str = "bfloat16"  # adapter.safetensors (the base weights it is merged into are bf16)
     threads: int | None = None
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -92,7 +95,7 @@ class TrainConfig:
         if isinstance(layers, str):
             layers = parse_routed_layers(layers, num_layers)
         return {"routed_layers": list(layers), "threshold": self.threshold, "router": self.router,
-                "capacity": self.capacity}
+                "capacity": self.capacity, "sink_tokens": self.sink_tokens}
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -110,7 +113,7 @@ def from_dict(raw: dict) -> TrainConfig:
     raw = dict(raw)
     data = dict(raw.pop("data", {}) or {})
     sources = [_build(Source, s, "data.sources[]") for s in data.pop("sources", [])]
-    for key in ("lr", "router_lr", "bias_lr", "alpha", "distill", "threshold", "capacity", "weight_decay"):
+    for key in ("lr", "router_lr", "bias_lr", "alpha", "distill", "threshold", "capacity", "weight_decay", "init_threshold"):
         if isinstance(raw.get(key), str):  # YAML 1.1 reads 3e-5 (no dot) as a string
             raw[key] = float(raw[key])
     cfg = _build(TrainConfig, raw, "config")

@@ -2,8 +2,9 @@
 against dense that this routing implies (KV bytes scale with (unrouted layers + sum of routed
 fractions) / layers, since layer j caches only the tokens routed into it).
 
-The dense baseline is the same weights with routing switched off, which for a routers-only run
-is exactly the original model.
+The dense baseline is the base checkpoint itself (``--base``, or the run's base), routing off:
+not the evaluated weights with routing off, which after a LoRA run are the adapted weights and
+would hide what the adapter changed (chat behaviour, domain perplexity).
 """
 
 from __future__ import annotations
@@ -42,6 +43,24 @@ def perplexity(model: MoDLlamaForCausalLM, heldout: torch.Tensor, routing=None, 
     }
 
 
+def run_base(target: str, base: str = "default") -> str:
+    """The base checkpoint of an eval target: a run dir's recorded base unless ``base`` is given."""
+    run_cfg = Path(target) / "train_config.json"
+    if base == "default" and run_cfg.is_file():
+        return json.loads(run_cfg.read_text()).get("base", base)
+    return base
+
+
+def load_dense(base: str = "default", dtype=torch.float32) -> MoDLlamaForCausalLM:
+    """The dense original: the base checkpoint with no routed layer."""
+    base_dir = resolve_base(base)
+    raw = json.loads((base_dir / "config.json").read_text())
+    for k in ("model_type", "architectures", "transformers_version", "mod"):
+        raw.pop(k, None)
+    config = MoDLlamaConfig(**raw, mod={"routed_layers": []})
+    return MoDLlamaForCausalLM.from_pretrained(base_dir, config=config, dtype=dtype).eval()
+
+
 def load_for_eval(target: str, base: str = "default", dtype=torch.float32) -> MoDLlamaForCausalLM:
     """A MoD checkpoint dir, a routers file, or a run dir (its routers.safetensors on ``base``)."""
     import mod_serve  # noqa: F401  (registers mod_llama)
@@ -51,10 +70,8 @@ def load_for_eval(target: str, base: str = "default", dtype=torch.float32) -> Mo
     if path.is_dir() and (path / "config.json").is_file():
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     adapter = None
+    base = run_base(target, base)
     if path.is_dir():
-        run_cfg = path / "train_config.json"
-        if run_cfg.is_file() and base == "default":
-            base = json.loads(run_cfg.read_text()).get("base", base)
         adapter = path / "adapter" if (path / "adapter").is_dir() else None
         path = path / "routers.safetensors"
     tensors, mod = read_routers(path)

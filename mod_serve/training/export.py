@@ -4,7 +4,7 @@ LoRA-merged, routers in ``mod_routers.safetensors``, listed in the index).
 
 The routers file is the format ``mod_serve/assets/default_routers.safetensors`` uses: tensors
 ``model.layers.{i}.router.weight`` [1, hidden] / ``.bias`` [1] and metadata ``routed_layers``
-("1,3,5"), ``threshold``, ``router``, ``capacity``.
+("1,3,5"), ``threshold``, ``router``, ``capacity``, ``sink_tokens``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from ..convert import INDEX, ROUTER_SHARD, read_routers  # noqa: F401  (re-expor
 from ..modeling import MoDLlamaForCausalLM
 
 ROUTERS_FILE = "routers.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
 
 
 def router_tensors(model: MoDLlamaForCausalLM, dtype=torch.float32) -> dict[str, torch.Tensor]:
@@ -40,12 +41,35 @@ def save_routers(model: MoDLlamaForCausalLM, path: str | os.PathLike, extra: dic
         "threshold": repr(routing.threshold),
         "router": routing.router,
         "capacity": repr(routing.capacity),
+        "sink_tokens": str(routing.sink_tokens),
         **{k: str(v) for k, v in (extra or {}).items()},
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(router_tensors(model), str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def save_adapter(model, path: str | os.PathLike, dtype=torch.bfloat16) -> Path:
+    """The LoRA adapters of a peft-wrapped model as plain weight deltas (``convert.read_adapter``
+    format: ``{weight}.lora_A`` [r, in], ``{weight}.lora_B`` [out, r] with the scale folded in), so
+    that serving merges them without peft."""
+    out = {}
+    for name, module in model.named_modules():
+        if not hasattr(module, "lora_A") or "default" not in getattr(module, "lora_A", {}):
+            continue
+        weight = name.removeprefix("base_model.model.") + ".weight"
+        a = module.lora_A["default"].weight.detach().float()
+        b = module.lora_B["default"].weight.detach().float() * module.scaling["default"]
+        out[weight + ".lora_A"] = a.to(dtype).contiguous()
+        out[weight + ".lora_B"] = b.to(dtype).contiguous()
+    if not out:
+        raise ValueError("the model has no LoRA adapters to export")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(out, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
     return path
 

@@ -44,9 +44,11 @@ def layer_inputs(model: MoDLlamaForCausalLM, ids: torch.Tensor) -> list[torch.Te
 
 @torch.no_grad()
 def importance_init(model: MoDLlamaForCausalLM, ids: torch.Tensor, fraction: float, sharpness: float = 4.0,
-                    ridge: float = 1e-2) -> dict[int, float]:
+                    ridge: float = 1e-2, at_threshold: float | None = None) -> dict[int, float]:
+    """``fraction`` of tokens score above ``at_threshold`` (default: the model's p). Runs at several
+    p from one ``at_threshold`` start from the same router logits: the threshold alone differs."""
     hs = layer_inputs(model, ids)
-    p = model.routing.threshold
+    p = model.routing.threshold if at_threshold is None else at_threshold
     logit_p = math.log(p / (1 - p)) if 0 < p < 1 else 0.0
     for j, router in model.routers().items():
         h, nxt = hs[j], hs[j + 1]
@@ -69,7 +71,8 @@ def importance_init(model: MoDLlamaForCausalLM, ids: torch.Tensor, fraction: flo
 
 @torch.no_grad()
 def init_routers(model: MoDLlamaForCausalLM, how: str, ids: torch.Tensor | None = None, gate: float = 0.9,
-                 fraction: float = 0.5, sharpness: float = 4.0, seed: int = 0) -> dict[int, float] | None:
+                 fraction: float = 0.5, sharpness: float = 4.0, seed: int = 0,
+                 at_threshold: float | None = None) -> dict[int, float] | None:
     if how == "keep":
         return None
     if how == "bias":
@@ -83,5 +86,5 @@ def init_routers(model: MoDLlamaForCausalLM, how: str, ids: torch.Tensor | None 
         std = 1.0 / model.config.hidden_size**0.5
         return calibrate_routers(model, ids, fraction, weight_std=std, seed=seed)
     if how == "importance":
-        return importance_init(model, ids, fraction, sharpness)
+        return importance_init(model, ids, fraction, sharpness, at_threshold=at_threshold)
     raise ValueError(f"unknown router init {how!r}")

@@ -78,7 +78,8 @@ def train(cfg: TrainConfig, model=None, train_ids: torch.Tensor | None = None, h
     resuming = (out / state.STATE).is_file()
     if not resuming:
         sample = train_ids[: cfg.init_sequences]
-        init = init_routers(model, cfg.init, sample, cfg.init_gate, cfg.init_fraction, cfg.init_sharpness, cfg.seed)
+        init = init_routers(model, cfg.init, sample, cfg.init_gate, cfg.init_fraction, cfg.init_sharpness, cfg.seed,
+                            at_threshold=cfg.init_threshold)
         if init is not None:
             tqdm.write(f"router init {cfg.init}: routed fraction {json.dumps({k: round(v, 3) for k, v in init.items()})}")
     if cfg.precondition:  # recomputed identically on resume: same sample, same weights
@@ -170,6 +171,7 @@ def _export(cfg: TrainConfig, model, out: Path) -> None:
         export.save_routers(mod, out / export.ROUTERS_FILE, {"base": cfg.base, "trainable": cfg.trainable})
     if "adapter" in cfg.export and hasattr(model, "save_pretrained") and hasattr(model, "peft_config"):
         model.save_pretrained(out / "adapter")
+        export.save_adapter(model, out / export.ADAPTER_FILE, dtype=getattr(torch, cfg.adapter_dtype))
     if "checkpoint" in cfg.export:
         tok = resolve_base(cfg.base) if cfg.base != "none" else None
         export.save_checkpoint(export.merged(model), out / "model", tokenizer_dir=tok)
