@@ -101,6 +101,16 @@ def test_kill_and_resume_reaches_same_weights(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
+def test_resume_with_a_different_config_is_refused_before_touching_the_run(tmp_path):
+    cfg = _cfg(tmp_path, alpha=1.0, max_steps=4, routed_layers=[1, 3, 5])
+    train(cfg, model=tiny_mod(), train_ids=_ids(), progress=False, stop_after=2)
+    saved = (tmp_path / "run" / "train_config.json").read_text()
+    with pytest.raises(ValueError, match="alpha"):
+        train(_cfg(tmp_path, alpha=0.5, max_steps=4, routed_layers=[1, 3, 5]), model=tiny_mod(), train_ids=_ids(),
+              progress=False)
+    assert (tmp_path / "run" / "train_config.json").read_text() == saved
+
+
 def test_trained_checkpoint_loads_in_reference_model_with_identical_routing(tmp_path):
     import mod_serve  # noqa: F401
     from transformers import AutoModelForCausalLM
@@ -208,3 +218,35 @@ def test_lora_run_exports_adapter_that_eval_merges(tmp_path):
     for j in (1, 3, 5):
         assert torch.equal(a.routed_masks[j], c.routed_masks[j])
     torch.testing.assert_close(a.logits, c.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_chat_instructions_are_seeded_distinct_and_exclude_the_eval_questions():
+    from mod_serve.training.chatdata import instructions
+    from mod_serve.training.questions import QUESTIONS
+
+    a, b = instructions(500, seed=0), instructions(500, seed=0)
+    assert a == b and len(set(a)) == 500 and instructions(500, seed=1) != a
+    assert not {q for q, _ in QUESTIONS} & set(instructions(1000))
+    with pytest.raises(ValueError, match="--num"):
+        instructions(10**6)
+
+
+@pytest.mark.slow
+def test_chat_data_is_written_by_the_dense_model_through_vllm(default_base_dir, tmp_path):
+    """A few conversations through the real engine: JSONL that the data loader reads back as chat
+    (through the chat template), one per instruction, in order."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from mod_serve.training import data
+    from mod_serve.training.chatdata import generate, instructions
+    from mod_serve.training.config import Source
+
+    out = generate(default_base_dir, tmp_path / "chat.jsonl", 3, max_tokens=8, kv_cache_bytes=64 << 20)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["messages"][0]["content"] for r in rows] == instructions(3)
+    assert all(r["messages"][1]["role"] == "assistant" and r["messages"][1]["content"] for r in rows)
+    tok = AutoTokenizer.from_pretrained(default_base_dir)
+    docs = list(data.documents(Source(path=str(out), format="jsonl", field="messages"), tok))
+    assert len(docs) == 3 and all("<|im_start|>assistant" in d for d in docs)

@@ -27,7 +27,10 @@ def train_main(argv: list[str]) -> int:
         cfg.output = args.output
     from .trainer import train
 
-    summary = train(cfg, progress=not args.no_progress)
+    try:
+        summary = train(cfg, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:  # bad config values, data sources, resume mismatch
+        p.error(str(e))
     print(json.dumps({"output": cfg.output, "steps": summary["steps"], "last": summary["last"]}))
     return 0
 

@@ -65,6 +65,7 @@ def train(cfg: TrainConfig, model=None, train_ids: torch.Tensor | None = None, h
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
+    _check_same_run(out, cfg)
     (out / "train_config.json").write_text(cfg.to_json())
     if model is None:
         model = load_model(cfg)
@@ -163,6 +164,21 @@ def train(cfg: TrainConfig, model=None, train_ids: torch.Tensor | None = None, h
     if finished and accel.is_main_process:
         _export(cfg, unwrapped, out)
     return {"steps": start + done, "finished": finished, "last": last, "model": unwrapped}
+
+
+RESUME_MAY_CHANGE = {"output", "threads", "log_every"}
+
+
+def _check_same_run(out: Path, cfg: TrainConfig) -> None:
+    """Resuming continues the run in ``out``: refuse (before touching it) a config that differs."""
+    old = out / "train_config.json"
+    if not (out / state.STATE).is_file() or not old.is_file():
+        return
+    before, now = json.loads(old.read_text()), json.loads(cfg.to_json())
+    changed = sorted(k for k in set(before) | set(now) if k not in RESUME_MAY_CHANGE and before.get(k) != now.get(k))
+    if changed:
+        raise ValueError(f"{out} holds a run with a different config ({', '.join(changed)} differ): "
+                         "resume with the same config, or pass another --output")
 
 
 def _export(cfg: TrainConfig, model, out: Path) -> None:
