@@ -74,9 +74,13 @@ def _stream_until_cut(base: str, model: str, first_chunk: threading.Event, resul
 @pytest.mark.slow
 @pytest.mark.skipif(not plugin_available(), reason="the default model is MoD: needs the vLLM plugin")
 def test_default_model_threshold_override_and_sigterm_mid_stream(tmp_path):
-    """No --model: the default MoD model. p = 1.0 routes nothing in (g < 1 always), which the MoD
-    gauges show. Then SIGTERM with a stream in flight: the server exits 0 and leaves no process."""
-    srv = ServerProcess(tmp_path, None, "--mod-threshold", "1.0")
+    """No --model: the default MoD model. p = 1.01 routes nothing in (g <= 1; a trained router can
+    reach g == 1.0 exactly in float32, so p = 1.0 would not do) but the sink position, which the MoD gauges show. Then SIGTERM with a stream in flight: the server exits 0
+    and leaves no process."""
+    from mod_serve.default_model import prepare_default_model
+
+    mod = json.loads((prepare_default_model() / "config.json").read_text())["mod"]
+    srv = ServerProcess(tmp_path, None, "--mod-threshold", "1.01")
     try:
         srv.wait_ready()
         models = httpx.get(srv.base + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
@@ -91,7 +95,11 @@ def test_default_model_threshold_override_and_sigterm_mid_stream(tmp_path):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         m = metrics(srv.base)
         fractions = [v for k, v in m.items() if k.startswith("mod_routed_fraction{")]
-        assert len(fractions) == 15 and all(v == 0 for v in fractions), m
+        assert len(fractions) == len(mod["routed_layers"]), m
+        if mod["sink_tokens"]:  # one request of ~30 prompt tokens: only its sink routed in, everywhere
+            assert len(set(fractions)) == 1 and 0 < fractions[0] < 0.1, fractions
+        else:
+            assert all(v == 0 for v in fractions), m
 
         children = srv.group_pids()
         assert len(children) >= 2, children  # the server and vLLM's engine core at least
