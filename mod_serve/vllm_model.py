@@ -3,8 +3,9 @@
 A sibling of ``vllm/model_executor/models/llama.py`` that reuses its decoder layer, MLP, RMSNorm,
 rotary embedding and parallel linear layers. Semantics are those of the reference
 (``mod_serve.modeling``): ``g = sigmoid(router(h))`` in float32, a token runs routed layer i iff
-``g >= p`` (the first ``sink_tokens`` positions always, with g = 1), then ``h <- h + g * (layer(h) - h)``; attention at layer i sees only the tokens routed
-into it, through that layer's compact paged KV cache (see ``mod_serve.vllm_internals``).
+``g >= p`` (the first ``sink_tokens`` positions always, with g = 1), then
+``h <- h + g * (layer(h) - h)``; attention at layer i sees only the tokens routed into it, through
+that layer's compact paged KV cache (see ``mod_serve.vllm_internals``).
 """
 
 from __future__ import annotations
