@@ -276,7 +276,8 @@ def report(results: dict, out_dir: Path) -> str:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mod-serve bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="MoD checkpoint to benchmark (default: the default model with calibrated routers)")
+    p.add_argument("--model", help="MoD checkpoint to benchmark (default: the default base, every other "
+                   "layer routed, routers calibrated to --routed-fraction)")
     p.add_argument("--routed-fraction", type=float, default=0.5, help="for the calibrated default (0 < f <= 1)")
     p.add_argument("--lengths", default="512,2048,4096", help="prompt lengths, comma separated")
     p.add_argument("--batches", default="1,8", help="batch sizes, comma separated")
