@@ -220,13 +220,20 @@ def test_lora_run_exports_adapter_that_eval_merges(tmp_path):
     torch.testing.assert_close(a.logits, c.logits, rtol=1e-4, atol=1e-4)
 
 
-def test_chat_instructions_are_seeded_distinct_and_exclude_the_eval_questions():
+def test_chat_instructions_are_seeded_distinct_and_exclude_the_eval_questions(monkeypatch):
+    from mod_serve.training import chatdata
     from mod_serve.training.chatdata import instructions
     from mod_serve.training.questions import QUESTIONS
 
     a, b = instructions(500, seed=0), instructions(500, seed=0)
     assert a == b and len(set(a)) == 500 and instructions(500, seed=1) != a
     assert not {q for q, _ in QUESTIONS} & set(instructions(1000))
+    # a template that would produce an evaluation question: that instruction is dropped
+    monkeypatch.setattr(chatdata, "TOPICS", ["the planets", "Romeo and Juliet"])
+    monkeypatch.setattr(chatdata, "TEMPLATES", ["Who wrote {t}?", "Explain {t}."])
+    assert set(chatdata.instructions(3)) == {"Who wrote the planets?", "Explain the planets.", "Explain Romeo and Juliet."}
+    with pytest.raises(ValueError, match="3 distinct"):
+        chatdata.instructions(4)
     with pytest.raises(ValueError, match="--num"):
         instructions(10**6)
 

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import MoDLlamaConfig
 from ..modeling import MoDLlamaForCausalLM
 from .export import read_routers
-from .model import resolve_base
+from .model import load_on_base
 from .trainer import kv_ratio
 
 
@@ -53,12 +52,7 @@ def run_base(target: str, base: str = "default") -> str:
 
 def load_dense(base: str = "default", dtype=torch.float32) -> MoDLlamaForCausalLM:
     """The dense original: the base checkpoint with no routed layer."""
-    base_dir = resolve_base(base)
-    raw = json.loads((base_dir / "config.json").read_text())
-    for k in ("model_type", "architectures", "transformers_version", "mod"):
-        raw.pop(k, None)
-    config = MoDLlamaConfig(**raw, mod={"routed_layers": []})
-    return MoDLlamaForCausalLM.from_pretrained(base_dir, config=config, dtype=dtype).eval()
+    return load_on_base(base, None, dtype).eval()
 
 
 def load_for_eval(target: str, base: str = "default", dtype=torch.float32) -> MoDLlamaForCausalLM:
@@ -75,12 +69,7 @@ def load_for_eval(target: str, base: str = "default", dtype=torch.float32) -> Mo
         adapter = path / "adapter" if (path / "adapter").is_dir() else None
         path = path / "routers.safetensors"
     tensors, mod = read_routers(path)
-    base_dir = resolve_base(base)
-    raw = json.loads((base_dir / "config.json").read_text())
-    for k in ("model_type", "architectures", "transformers_version"):
-        raw.pop(k, None)
-    config = MoDLlamaConfig(**raw, mod=mod)
-    model = MoDLlamaForCausalLM.from_pretrained(base_dir, config=config, dtype=dtype).eval()
+    model = load_on_base(base, mod, dtype).eval()
     missing = model.load_state_dict(tensors, strict=False).unexpected_keys
     if missing:
         raise ValueError(f"routers file has tensors for layers this model does not route: {missing[:3]}")

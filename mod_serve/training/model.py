@@ -27,15 +27,21 @@ def resolve_base(base: str) -> Path:
     return Path(base)
 
 
+def load_on_base(base: str, mod=None, dtype=torch.float32) -> MoDLlamaForCausalLM:
+    """The base checkpoint's weights (LLaMA or MoD) as a ``MoDLlamaForCausalLM`` routing as ``mod``
+    says: a ``mod`` dict, a function of the layer count returning one, or None for dense. Routers
+    the base lacks are new (the run's router init sets them); routers it has are kept."""
+    path = resolve_base(base)
+    skip = {"model_type", "architectures", "transformers_version", "mod"}
+    raw = {k: v for k, v in json.loads((path / "config.json").read_text()).items() if k not in skip}
+    if callable(mod):
+        mod = mod(raw["num_hidden_layers"])
+    config = MoDLlamaConfig(**raw, mod=mod if mod is not None else {"routed_layers": []})
+    return MoDLlamaForCausalLM.from_pretrained(path, config=config, dtype=dtype)
+
+
 def load_model(cfg: TrainConfig, dtype=torch.float32) -> MoDLlamaForCausalLM:
-    path = resolve_base(cfg.base)
-    raw = json.loads((path / "config.json").read_text())
-    raw.pop("model_type", None)
-    raw.pop("architectures", None)
-    raw["mod"] = cfg.routing_dict(raw["num_hidden_layers"])
-    config = MoDLlamaConfig(**{k: v for k, v in raw.items() if k not in {"transformers_version"}})
-    model = MoDLlamaForCausalLM.from_pretrained(path, config=config, dtype=dtype)
-    return model
+    return load_on_base(cfg.base, cfg.routing_dict, dtype)
 
 
 def dense_routing() -> RoutingConfig:

@@ -120,7 +120,7 @@ def train(cfg: TrainConfig, model=None, train_ids: torch.Tensor | None = None, h
                 res = model(ids)
                 lm = lm_loss(res.logits, ids)
                 valid = torch.ones_like(ids, dtype=torch.bool)
-                valid[:, : cfg.aux_skip_first] = False
+                valid[:, : max(cfg.aux_skip_first, cfg.sink_tokens)] = False  # forced in: no load to reduce
                 aux, fr = aux_loss(res, valid)
                 loss = cfg.lm_weight * lm + cfg.alpha * aux
                 kl = torch.zeros(())
