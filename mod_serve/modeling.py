@@ -13,22 +13,29 @@ Two equivalent execution paths share one decoder-layer function:
 
 * ``forward(input_ids)``: batched, every token computed, skipped tokens masked out of the
   keys (what training uses);
-* ``forward(input_ids, cache=RoutedKVCache(...))``: batch 1, only routed-in tokens computed;
-  layer i's cache holds K/V of the tokens routed into layer i and nothing else.
+* ``forward(input_ids, attention_mask, cache=RoutedKVCache(...))``: only routed-in tokens
+  computed; layer i's cache holds K/V of the tokens routed into layer i and nothing else. This is
+  the path ``greedy_generate`` and transformers' ``generate()``/``pipeline`` (any batch size, left
+  padding) decode with.
+
+Padding (``attention_mask`` 0) is never routed in, attended to or cached, and positions are true
+positions: a token's position counts the real tokens before it in its sequence.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.utils import ModelOutput
 
 from .config import MoDLlamaConfig, RoutingConfig
+from .routed_cache import RoutedKVCache
 
 ROUTER_INIT_BIAS = 12.0
 """Converted routers start at weight 0, bias 12: g = sigmoid(12) = 1 - 6.1e-6 for every token,
@@ -36,11 +43,12 @@ so every token is routed in and each layer's update is scaled by g, i.e. almost 
 
 
 @dataclass
-class MoDOutput:
-    logits: torch.Tensor
-    router_probs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, T] float32
-    routed_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, T] bool
+class MoDOutput(ModelOutput):
+    logits: torch.Tensor | None = None
+    router_probs: dict[int, torch.Tensor] | None = None  # layer -> [B, T] float32
+    routed_masks: dict[int, torch.Tensor] | None = None  # layer -> [B, T] bool
     loss: torch.Tensor | None = None
+    past_key_values: RoutedKVCache | None = None  # the cache passed in, updated
 
     def routed_fraction(self, valid: torch.Tensor | None = None) -> dict[int, float]:
         """Fraction of (valid) tokens routed into each routed layer."""
@@ -51,31 +59,6 @@ class MoDOutput:
             else:
                 out[layer] = (mask & valid.bool()).sum().item() / max(int(valid.sum()), 1)
         return out
-
-
-class RoutedKVCache:
-    """Compact per-layer KV cache for batch-1 incremental decoding.
-
-    ``keys[i]`` is ``[num_kv_heads, n_i, head_dim]`` where ``n_i`` is the number of tokens routed
-    into layer i so far (every token for an unrouted layer); RoPE is already applied, so the
-    compact order needs no position bookkeeping.
-    """
-
-    def __init__(self, num_layers: int):
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.num_tokens = 0  # absolute tokens seen (the next token's position)
-
-    def layer_len(self, layer: int) -> int:
-        k = self.keys[layer]
-        return 0 if k is None else k.shape[-2]
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=-2)
-            v = torch.cat([self.values[layer], v], dim=-2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
 
 
 def router_probs(router: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
@@ -119,11 +102,18 @@ def routed_attention_mask(routed: torch.Tensor, past: int = 0) -> torch.Tensor:
     return ((causal & routed[:, None, :]) | eye)[:, None]
 
 
-def decoder_layer_forward(layer, hidden, cos, sin, attn_mask=None, cache=None, layer_idx=None):
+def true_positions(valid: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor:
+    """[B, T] position of each token: ``start`` plus the real tokens before it in its sequence
+    (padding: clamped to 0, never used)."""
+    return (start + valid.long().cumsum(1) - 1).clamp(min=0)
+
+
+def decoder_layer_forward(layer, hidden, cos, sin, attn_mask=None, cache=None, layer_idx=None, rows=None):
     """One LLaMA decoder layer on [B, T, H] with an explicit boolean attention mask.
 
-    With ``cache`` (batch 1), K/V are appended to the layer's compact cache and the T queries
-    attend causally (bottom-right aligned) to everything cached for this layer.
+    With ``cache`` (a ``RoutedKVCache``), K/V of the real ``rows`` ([B, T] bool, default all) go to
+    the next free slots of each sequence in the layer's compact cache, and each row attends
+    causally to its sequence's slots up to its own.
     """
     attn = layer.self_attn
     B, T, _ = hidden.shape
@@ -133,12 +123,34 @@ def decoder_layer_forward(layer, hidden, cos, sin, attn_mask=None, cache=None, l
     v = attn.v_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     if cache is not None:
-        past = cache.layer_len(layer_idx)
-        k, v = cache.append(layer_idx, k, v)
-        attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=hidden.device).tril(past)
+        rows = torch.ones(B, T, dtype=torch.bool, device=hidden.device) if rows is None else rows
+        k, v = cache.update(k, v, layer_idx, rows)
+        attn_mask = cache.layers[layer_idx].causal_mask(rows)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=attn.scaling, enable_gqa=True)
     h = hidden + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
     return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def compact_layer_forward(layer, hidden, m, g, cos, sin, cache, layer_idx):
+    """The cache path of one layer: only the tokens with ``m`` set run it, each sequence's in order
+    (gathered into [B, R] rows, R = the largest count, padding rows marked by ``rows``); the update
+    is gated by ``g`` (None: an unrouted layer, no gate) and every other token keeps ``hidden``."""
+    count = m.sum(1)
+    R = int(count.max())
+    if R == 0:
+        return hidden
+    idx = torch.argsort((~m).byte(), dim=1, stable=True)[:, :R]  # each sequence's m-tokens first, in order
+    rows = torch.arange(R, device=m.device) < count[:, None]
+
+    def pick(t):
+        return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+    h_in = pick(hidden)
+    out = decoder_layer_forward(layer, h_in, pick(cos), pick(sin), cache=cache, layer_idx=layer_idx, rows=rows)
+    if g is not None:
+        out = gated_update(h_in, out, g.gather(1, idx))
+    out = torch.where(rows[..., None], out, h_in)  # padding rows write back what they read
+    return hidden.scatter(1, idx[..., None].expand_as(out), out)
 
 
 def gated_update(hidden: torch.Tensor, layer_out: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -171,11 +183,19 @@ class MoDLlamaForCausalLM(LlamaForCausalLM):
     def routers(self) -> dict[int, nn.Linear]:
         return {i: self.model.layers[i].router for i in self.routing.routed_layers}
 
-    def generate(self, *args, **kwargs):
-        raise NotImplementedError(
-            "MoDLlamaForCausalLM has its own compact cache: use mod_serve.modeling.greedy_generate "
-            "(or serve it with vLLM)"
-        )
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """``generate()`` decodes with the compact ``RoutedKVCache`` (GenerationMixin's hook where
+        it would make a DynamicCache, which would hold every token in every layer)."""
+        past = model_kwargs.get("past_key_values")
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r}: a MoD model decodes "
+                "with its own compact cache (mod_serve.RoutedKVCache) only"
+            )
+        if past is not None and not isinstance(past, RoutedKVCache):
+            raise TypeError(f"past_key_values must be a mod_serve.RoutedKVCache, got {type(past).__name__}")
+        if past is None and generation_config.use_cache:
+            model_kwargs["past_key_values"] = RoutedKVCache(self.config.num_hidden_layers)
 
     def forward(
         self,
@@ -185,60 +205,57 @@ class MoDLlamaForCausalLM(LlamaForCausalLM):
         labels: torch.LongTensor | None = None,
         routing: RoutingConfig | None = None,
         router_hook=None,
+        past_key_values: RoutedKVCache | None = None,
         **_: object,
     ) -> MoDOutput:
-        """``router_hook(layer, hidden, valid)``, if given, runs before each routed layer's router
-        and may change it (used to calibrate all routers in one pass)."""
+        """``attention_mask``: [B, T] (with a cache it may also be generate's [B, past + T]); 0 marks
+        padding. ``cache`` (or ``past_key_values``, transformers' name): decode incrementally with the
+        compact cache, threshold routing only. ``router_hook(layer, hidden, valid)``, if given, runs
+        before each routed layer's router and may change it (used to calibrate all routers in one pass)."""
         routing = routing or self.routing
+        cache = cache if cache is not None else past_key_values
         model = self.model
         h = model.embed_tokens(input_ids)
         B, T = input_ids.shape
-        start = 0 if cache is None else cache.num_tokens
-        positions = torch.arange(start, start + T, device=h.device).unsqueeze(0).expand(B, T)
-        cos, sin = model.rotary_emb(h, positions)
         valid = torch.ones(B, T, dtype=torch.bool, device=h.device)
         if attention_mask is not None:
-            valid = attention_mask.bool()
+            valid = attention_mask[:, -T:].bool()
+        start = 0
         if cache is not None:
-            if B != 1 or attention_mask is not None:
-                raise ValueError("the compact-cache path decodes one unpadded sequence (batch 1)")
             if routing.router != "threshold":
                 raise ValueError("top-k routing is not causal and cannot decode incrementally")
-        full_mask = routed_attention_mask(valid)
-        out = MoDOutput(logits=None)  # type: ignore[arg-type]
+            start = cache.start_positions(B, h.device)[:, None]
+        positions = true_positions(valid, start)
+        cos, sin = model.rotary_emb(h, positions)
+        full_mask = routed_attention_mask(valid) if cache is None else None
+        probs, masks = {}, {}
         routed_set = set(routing.routed_layers)
         for i, layer in enumerate(model.layers):
             if i not in routed_set:
                 if cache is None:
                     h = decoder_layer_forward(layer, h, cos, sin, full_mask)
                 else:
-                    h = decoder_layer_forward(layer, h, cos, sin, cache=cache, layer_idx=i)
+                    h = compact_layer_forward(layer, h, valid, None, cos, sin, cache, i)
                 continue
             if router_hook is not None:
                 router_hook(i, h, valid)
             g, forced = force_sink(router_probs(layer.router, h), positions, routing.sink_tokens)
             m = route(g, routing, valid) | (forced & valid)
-            out.router_probs[i], out.routed_masks[i] = g, m
+            probs[i], masks[i] = g, m
             if cache is None:
                 layer_out = decoder_layer_forward(layer, h, cos, sin, routed_attention_mask(m & valid))
                 h = torch.where(m.unsqueeze(-1), gated_update(h, layer_out, g), h)
             else:
-                idx = m[0].nonzero().squeeze(-1)
-                if idx.numel():
-                    h_in = h[:, idx]
-                    layer_out = decoder_layer_forward(
-                        layer, h_in, cos[:, idx], sin[:, idx], cache=cache, layer_idx=i
-                    )
-                    h = h.clone()
-                    h[:, idx] = gated_update(h_in, layer_out, g[:, idx])
+                h = compact_layer_forward(layer, h, m, g, cos, sin, cache, i)
         if cache is not None:
-            cache.num_tokens += T
-        out.logits = self.lm_head(model.norm(h)).float()
+            cache.advance(valid)
+        logits = self.lm_head(model.norm(h)).float()
+        loss = None
         if labels is not None:
-            out.loss = F.cross_entropy(
-                out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        return out
+        return MoDOutput(logits=logits, router_probs=probs, routed_masks=masks, loss=loss, past_key_values=cache)
 
 
 @torch.no_grad()
