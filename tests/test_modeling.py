@@ -120,21 +120,27 @@ def test_routed_attention_equals_explicit_masked_computation():
 
 
 @torch.no_grad()
-def test_padded_batch_equals_single_sequences():
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_equals_single_sequences(side):
+    """Padding on either side: each sequence keeps its true positions (left padding does not
+    shift them) and sees no padding, so its logits and routing are those it has alone."""
     model = tiny_mod(routed_layers=(1, 3))
+    model.config.mod = {**model.config.mod, "sink_tokens": 1}
     lengths = [17, 9, 25]
     seqs = [_ids(n, seed=n)[0] for n in lengths]
-    ids = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
+    width = max(lengths)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)], mask[b, : len(s)] = s, 1
+    spans = [slice(0, len(s)) if side == "right" else slice(width - len(s), width) for s in seqs]
+    for b, (s, span) in enumerate(zip(seqs, spans)):
+        ids[b, span], mask[b, span] = s, 1
     batched = model(ids, attention_mask=mask)
-    for b, s in enumerate(seqs):
+    for b, (s, span) in enumerate(zip(seqs, spans)):
         single = model(s[None])
-        torch.testing.assert_close(batched.logits[b, : len(s)], single.logits[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(batched.logits[b, span], single.logits[0], rtol=1e-4, atol=1e-4)
         for i in single.routed_masks:
-            assert torch.equal(batched.routed_masks[i][b, : len(s)], single.routed_masks[i][0])
-            assert not batched.routed_masks[i][b, len(s) :].any()
+            assert torch.equal(batched.routed_masks[i][b, span], single.routed_masks[i][0])
+            assert int(batched.routed_masks[i][b].sum()) == int(single.routed_masks[i].sum())  # no padding
 
 
 @torch.no_grad()
