@@ -1,8 +1,13 @@
-"""``/metrics``: vLLM's own Prometheus metrics followed by the MoD gauges.
+"""``/metrics``: vLLM's own Prometheus metrics, the MoD gauges, then the HTTP counters.
 
 The MoD figures live in the engine's worker process (the plugin's KV manager), so they are
 fetched per scrape with ``collective_rpc("mod_kv_stats")`` and written to a fresh registry
 (no stale label sets). A dense model, or a plugin without that method, just has no MoD gauges.
+
+The HTTP counters (``HttpCounters``) live in the app's own registry: responses by status class
+(``mod_serve_http_responses_total{status_class="2xx"}``) and requests aborted before their
+response was complete, by reason (``mod_serve_requests_aborted_total{reason="client_disconnect"}``
+or ``reason="shutdown"``, the drain timeout).
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
 log = logging.getLogger(__name__)
@@ -46,9 +51,47 @@ def mod_gauges(stats: dict) -> bytes:
     return generate_latest(reg)
 
 
-async def render_metrics(engine) -> tuple[bytes, str]:
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+ABORT_REASONS = ("client_disconnect", "shutdown")
+
+
+class HttpCounters:
+    """Per-app counters (a registry of their own, so that two apps in one process don't clash)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self._responses = Counter(
+            "mod_serve_http_responses",
+            "HTTP responses sent, by status class",
+            ["status_class"],
+            registry=self.registry,
+        )
+        self._aborted = Counter(
+            "mod_serve_requests_aborted",
+            "requests aborted before their response was complete (engine request aborted too), by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        for c in STATUS_CLASSES:
+            self._responses.labels(status_class=c)
+        for r in ABORT_REASONS:
+            self._aborted.labels(reason=r)
+
+    def response(self, status: int) -> None:
+        self._responses.labels(status_class=f"{min(max(status // 100, 1), 5)}xx").inc()
+
+    def aborted(self, reason: str) -> None:
+        self._aborted.labels(reason=reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def render_metrics(engine, counters: HttpCounters | None = None) -> tuple[bytes, str]:
     body = generate_latest(get_prometheus_registry())
     stats = await mod_kv_stats(engine)
     if stats:
         body += mod_gauges(stats)
+    if counters is not None:
+        body += counters.render()
     return body, CONTENT_TYPE_LATEST
