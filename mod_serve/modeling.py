@@ -135,6 +135,9 @@ def compact_layer_forward(layer, hidden, m, g, cos, sin, cache, layer_idx):
     """The cache path of one layer: only the tokens with ``m`` set run it, each sequence's in order
     (gathered into [B, R] rows, R = the largest count, padding rows marked by ``rows``); the update
     is gated by ``g`` (None: an unrouted layer, no gate) and every other token keeps ``hidden``."""
+    if m.all():  # every token (an unrouted layer without padding, or all routed in): no gather
+        out = decoder_layer_forward(layer, hidden, cos, sin, cache=cache, layer_idx=layer_idx)
+        return out if g is None else gated_update(hidden, out, g)
     count = m.sum(1)
     R = int(count.max())
     if R == 0:

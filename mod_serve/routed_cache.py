@@ -47,6 +47,9 @@ class RoutedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         if rows is None:
             rows = torch.ones(key_states.shape[0], key_states.shape[2], dtype=torch.bool, device=key_states.device)
+        if rows.all() and (self.lengths == self.keys.shape[-2]).all():  # no gaps (e.g. batch 1): append
+            self.lengths = self.lengths + rows.shape[1]
+            return super().update(key_states, value_states)
         slots = self.lengths[:, None] + rows.cumsum(1) - 1
         self.lengths = self.lengths + rows.sum(1)
         grow = int(self.lengths.max()) - self.keys.shape[-2]
