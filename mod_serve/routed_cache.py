@@ -3,8 +3,8 @@
 Layer i's cache holds K/V of the tokens routed into layer i and nothing else (for an unrouted
 layer: every token that is not padding). Each sequence of the batch fills its own slots
 ``0, 1, 2, ...`` in order, so the compact order is the causal order; sequences with fewer routed-in
-tokens are padded at the end with zeros that no query ever attends to. RoPE is applied before
-caching, so a slot needs no position bookkeeping.
+tokens are padded at the end with zero slots that no real query attends to. Padding tokens of the
+input are never cached. RoPE is applied before caching, so a slot needs no position bookkeeping.
 
 Because it is a ``Cache``, ``GenerationMixin.generate`` (greedy, sampling, beam search) and
 ``pipeline("text-generation")`` drive it; ``get_seq_length()`` is the number of input columns fed
