@@ -15,7 +15,6 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from vllm.config import VllmConfig
-from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
@@ -29,7 +28,7 @@ from vllm.sequence import IntermediateTensors
 
 from .config import RoutingConfig
 from .modeling import force_sink, gated_update, router_probs
-from .vllm_internals import RoutingState, make_attention_routed, routed_attention
+from .vllm_internals import RoutingState, RoutingStep, make_attention_routed, routed_attention
 
 
 def _routing(config) -> RoutingConfig:
@@ -46,20 +45,34 @@ class MoDLlamaDecoderLayer(LlamaDecoderLayer):
         super().__init__(vllm_config=vllm_config, prefix=prefix, config=config)
         config = config or vllm_config.model_config.hf_config
         self.layer_index = extract_layer_index(prefix)
-        self.is_routed = self.layer_index in _routing(config).routed_layers
+        routed_layers = _routing(config).routed_layers
+        self.is_routed = self.layer_index in routed_layers
         if self.is_routed:
+            self.routed_slot = routed_layers.index(self.layer_index)  # its row in RoutingStep's counts
             # A plain Linear: the router is tiny, replicated, and must stay unpacked (float32 math).
             self.router = nn.Linear(config.hidden_size, 1, bias=True)
             make_attention_routed(self.self_attn.attn, self.layer_index)
 
-    def forward_routed(self, positions, hidden_states, step, slot, routed_idx) -> torch.Tensor:
+    def forward_routed(self, positions, h, step: RoutingStep, routing: RoutingConfig) -> torch.Tensor:
+        """Route the tokens of ``h`` (residual stream, [tokens, hidden]) through this layer:
+        the reference's float32 router and forced sink positions, then the layer on the routed
+        tokens only (attention over its compact KV cache) and the gated update."""
+        g, forced = force_sink(router_probs(self.router, h), positions, routing.sink_tokens)
+        idx = step.route((g >= routing.threshold) | forced)
+        if idx.numel() == 0:
+            return h
+        h_in = h[idx]
+        out = self._layer(positions[idx], h_in, step, idx)
+        return h.index_copy(0, idx, gated_update(h_in, out, g[idx]))
+
+    def _layer(self, positions, hidden_states, step, routed_idx) -> torch.Tensor:
         """layer(h) for the routed tokens only (un-fused residual form: returns the full output)."""
         attn = self.self_attn
         x = self.input_layernorm(hidden_states)
         qkv, _ = attn.qkv_proj(x)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q, k = attn.rotary_emb(positions, q, k)
-        out = routed_attention(attn.attn, step, slot, routed_idx, q, k, v)
+        out = routed_attention(attn.attn, step, self.routed_slot, routed_idx, q, k, v)
         out, _ = attn.o_proj(out)
         x, residual = self.post_attention_layernorm(out, hidden_states)
         return self.mlp(x) + residual
@@ -90,38 +103,18 @@ class MoDLlamaModel(nn.Module):
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
-    def _begin_step(self):
-        metadata = get_forward_context().attn_metadata
-        if not isinstance(metadata, dict):
-            return None
-        first = metadata.get(self.layers[0].self_attn.attn.layer_name)
-        if first is None:
-            return None
-        return self.routing_state.begin(first.query_start_loc[: first.seq_lens.numel() + 1])
-
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         residual = None
-        step = self._begin_step()
-        p = self.routing.threshold
+        step = self.routing_state.begin(hidden.shape[0], hidden.device)
         for layer in self.layers:
             if not layer.is_routed:
                 hidden, residual = layer(positions, hidden, residual)
                 continue
-            h = hidden if residual is None else hidden + residual
+            hidden = hidden if residual is None else hidden + residual
             residual = None
-            # The reference's functions: the same float32 math and the same forced sink positions.
-            g, forced = force_sink(router_probs(layer.router, h), positions, self.routing.sink_tokens)
-            if step is None:  # profiling / warm-up run: no requests, nothing to route or cache
-                hidden = h
-                continue
-            routed_idx = ((g >= p) | forced).nonzero().squeeze(-1)
-            slot = self.routing_state.slot[layer.layer_index]
-            if routed_idx.numel():
-                h_in = h[routed_idx]
-                out = layer.forward_routed(positions[routed_idx], h_in, step, slot, routed_idx)
-                h = h.index_copy(0, routed_idx, gated_update(h_in, out, g[routed_idx]))
-            hidden = h
+            if step is not None:  # else a profiling / warm-up run: nothing to route or cache
+                hidden = layer.forward_routed(positions, hidden, step, self.routing)
         self.routing_state.end()
         if residual is None:  # the last layer was routed: no pending residual
             return self.norm(hidden)

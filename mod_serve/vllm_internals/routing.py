@@ -1,0 +1,179 @@
+"""Model-side routing state: per-request routed-token counts of every routed layer, in the worker.
+
+Per step, ``begin`` lines the counts up with the batch (rows of the model runner's input batch)
+and computes the step's host-side constants once for all routed layers; each routed layer decides
+its tokens (``RoutingStep.route``) and adds its counts; ``end`` stores the new totals and queues
+the report for the scheduler; after the step ``trim_block_tables`` shortens the worker's block
+tables exactly as ``RoutedKVManager.settle`` shortens the scheduler's block lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .kv import routed_groups
+
+
+@dataclasses.dataclass
+class RoutingStep:
+    req_ids: list[str]
+    num_tokens: int  # scheduled tokens (the forward may carry padding after them)
+    max_query_len: int  # host-side: longest query of the step
+    settled: np.ndarray  # [num_reqs] tokens of each request computed once this step ends
+    token_req: torch.Tensor  # [num_tokens] batch row of each scheduled token (model device)
+    prior_host: np.ndarray  # [num_routed_layers, num_reqs] routed tokens before this step
+    prior: torch.Tensor  # the same on the model device
+    new: torch.Tensor  # [num_routed_layers, num_reqs] routed tokens in this step (model device)
+    tp_group: object | None  # set when routing decisions must be shared across TP ranks
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.req_ids)
+
+    def route(self, routed: torch.Tensor) -> torch.Tensor:
+        """Indices of the tokens routed in, from a [num_tokens(+padding)] bool mask. Under tensor
+        parallelism TP rank 0 decides and every rank uses its mask (the all-reduced hidden states
+        are replicated, but a gate within rounding of p must not split the ranks)."""
+        if self.tp_group is not None:
+            mask = routed.to(torch.uint8)
+            routed = self.tp_group.broadcast(mask, src=0).bool()
+        if routed.shape[0] > self.num_tokens:  # padding rows never route
+            routed = routed[: self.num_tokens]
+        return routed.nonzero().squeeze(-1)
+
+
+class RoutingState:
+    def __init__(self, routed_layers: Sequence[int]):
+        self.routed_layers = list(routed_layers)
+        self.slot = {layer: j for j, layer in enumerate(self.routed_layers)}
+        self.counts: dict[str, tuple[int, np.ndarray]] = {}  # req -> (settled tokens, routed per layer)
+        self.runner = None
+        self.group_of_layer: dict[int, int] = {}
+        self.pending_report: dict[str, tuple[int, dict[int, int]]] = {}
+        self._trims: list[tuple[int, np.ndarray]] = []  # (rows, routed totals) of the last step
+        self.totals_routed = np.zeros(len(self.routed_layers), dtype=np.int64)
+        self.totals_tokens = 0
+        self._step: RoutingStep | None = None
+
+    def bind_runner(self, runner) -> None:
+        self.runner = runner
+
+    def bind_groups(self, kv_cache_config) -> None:
+        groups = routed_groups(kv_cache_config)
+        if set(groups) != set(self.routed_layers):
+            raise RuntimeError(
+                f"mod-serve: routed layers {self.routed_layers} but KV cache groups for {sorted(groups)}"
+            )
+        self.group_of_layer = groups
+
+    def forget(self, req_ids) -> None:
+        for r in req_ids:
+            self.counts.pop(r, None)
+
+    # ---- per step -------------------------------------------------------------------------
+    def begin(self, num_tokens: int, device: torch.device) -> RoutingStep | None:
+        from vllm.distributed import get_tp_group
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        runner = self.runner
+        if runner is None or not is_forward_context_available():
+            return None
+        if not isinstance(get_forward_context().attn_metadata, dict):
+            return None  # a dummy/profiling run: no requests behind these tokens
+        num_reqs = runner.input_batch.num_reqs
+        if num_reqs == 0:
+            return None
+        qsl = runner.query_start_loc.cpu[: num_reqs + 1].numpy()
+        if int(qsl[-1]) > num_tokens:
+            return None
+        req_ids = runner.input_batch.req_ids[:num_reqs]
+        computed = runner.input_batch.num_computed_tokens_cpu[:num_reqs]
+        prior = np.zeros((len(self.routed_layers), num_reqs), dtype=np.int64)
+        for row, req_id in enumerate(req_ids):
+            done = int(computed[row])
+            if done == 0:
+                continue  # new, or resumed after preemption (recomputed from scratch)
+            settled, routed = self.counts.get(req_id, (0, None))
+            if settled != done or routed is None:
+                raise RuntimeError(
+                    f"mod-serve: routed-KV state of request {req_id} is out of sync "
+                    f"({settled} tokens settled, vLLM says {done} computed)"
+                )
+            prior[:, row] = routed
+        lengths = np.diff(qsl)
+        tp = get_tp_group()
+        prior_dev = torch.from_numpy(prior).to(device)
+        self._step = RoutingStep(
+            req_ids=list(req_ids),
+            num_tokens=int(qsl[-1]),
+            max_query_len=int(lengths.max()),
+            settled=computed.astype(np.int64) + lengths,
+            token_req=torch.from_numpy(np.repeat(np.arange(num_reqs), lengths)).to(device),
+            prior_host=prior,
+            prior=prior_dev,
+            new=torch.zeros_like(prior_dev),
+            tp_group=tp if tp.world_size > 1 else None,
+        )
+        return self._step
+
+    def end(self) -> None:
+        step, self._step = self._step, None
+        if step is None:
+            return
+        new = step.new.cpu().numpy()
+        totals = step.prior_host + new
+        settled = step.settled
+        for row, req_id in enumerate(step.req_ids):
+            self.counts[req_id] = (int(settled[row]), totals[:, row].copy())
+            self.pending_report[req_id] = (int(settled[row]), dict(zip(self.routed_layers, totals[:, row].tolist())))
+        self._trims.append(totals)
+        self.totals_routed += new.sum(1)
+        self.totals_tokens += step.num_tokens
+
+    def trim_block_tables(self) -> None:
+        """Shorten each request's block-table row of every routed layer to the blocks its routed
+        tokens fill, exactly as ``RoutedKVManager.settle`` does on the scheduler side. Rows are
+        those of the step just run (the batch is condensed only when the next step starts)."""
+        trims, self._trims = self._trims, []
+        batch = self.runner.input_batch if self.runner is not None else None
+        for totals in trims:
+            num_reqs = totals.shape[1]
+            for j, layer in enumerate(self.routed_layers):
+                table = batch.block_table[self.group_of_layer[layer]]
+                keep = -(-totals[j] // table.block_size)
+                rows = table.num_blocks_per_row[:num_reqs]
+                np.minimum(rows, keep, out=rows)
+
+    def stats(self) -> dict:
+        """Routing totals since start-up and the KV blocks that routed layers hold right now,
+        against what the same layers would hold if they were dense."""
+        tokens = self.totals_tokens
+        out = {
+            "routed_tokens": {str(layer): int(n) for layer, n in zip(self.routed_layers, self.totals_routed)},
+            "tokens_seen": tokens,
+            "routed_fraction": {
+                str(layer): (int(n) / tokens if tokens else 0.0) for layer, n in zip(self.routed_layers, self.totals_routed)
+            },
+        }
+        runner = self.runner
+        if not self.group_of_layer or runner is None:
+            return out
+        batch = runner.input_batch
+        num_reqs = batch.num_reqs
+        computed = batch.num_computed_tokens_cpu[:num_reqs]
+        routed_gids = set(self.group_of_layer.values())
+        held = dense = all_held = 0
+        for g, table in enumerate(batch.block_table.block_tables):
+            blocks = int(table.num_blocks_per_row[:num_reqs].sum())
+            all_held += blocks
+            if g in routed_gids:
+                held += blocks
+                dense += int((-(-computed // table.block_size)).sum())
+        total = runner.kv_cache_config.num_blocks
+        out.update(routed_kv_blocks=held, dense_equivalent_kv_blocks=dense, total_kv_blocks=total,
+                   free_kv_blocks=total - all_held)
+        return out

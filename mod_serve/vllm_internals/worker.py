@@ -1,0 +1,59 @@
+"""Worker seam: bind the model runner to the model, trim block tables, report routed counts."""
+
+from __future__ import annotations
+
+
+def _worker_base():
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        return CPUWorker
+    from vllm.v1.worker.gpu_worker import Worker
+
+    return Worker
+
+
+class MoDWorker(_worker_base()):
+    def load_model(self, *args, **kwargs):
+        out = super().load_model(*args, **kwargs)
+        state = self._routing_state()
+        if state is not None:
+            state.bind_runner(self.model_runner)
+        return out
+
+    def initialize_from_config(self, kv_cache_config) -> None:
+        super().initialize_from_config(kv_cache_config)
+        state = self._routing_state()
+        if state is not None:
+            state.bind_groups(kv_cache_config)  # raises unless each routed layer has its own group
+
+    def execute_model(self, scheduler_output):
+        state = self._routing_state()
+        if state is not None:
+            state.forget(scheduler_output.finished_req_ids)
+        output = super().execute_model(scheduler_output)
+        if state is not None:
+            state.trim_block_tables()
+        return self._attach(output)
+
+    def sample_tokens(self, grammar_output):
+        return self._attach(super().sample_tokens(grammar_output))
+
+    def _routing_state(self):
+        return getattr(self.model_runner.model, "routing_state", None)
+
+    def _attach(self, output):
+        state = self._routing_state()
+        if output is not None and state is not None and state.pending_report:
+            output.mod_routed, state.pending_report = state.pending_report, {}
+        return output
+
+    def mod_kv_stats(self) -> dict:
+        from vllm.distributed import get_pp_group, get_tp_group
+
+        state = self._routing_state()
+        if state is None:
+            return {}
+        return {**state.stats(), "tp_rank": get_tp_group().rank_in_group, "pp_rank": get_pp_group().rank_in_group}
