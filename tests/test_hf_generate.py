@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, pipeline
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerFast, pipeline
 
 from mod_serve.modeling import MoDLlamaForCausalLM, RoutedKVCache, greedy_generate
 from tests.conftest import TINY, tiny_mod
@@ -74,6 +74,20 @@ def test_left_padded_batch_equals_each_sequence_alone():
 
 
 @torch.no_grad()
+def test_chunked_prefill_and_continuing_from_a_returned_cache():
+    model = _model()
+    ids, mask = _left_padded(_prompts())
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+    chunked = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, prefill_chunk_size=4)
+    assert torch.equal(chunked, want)
+    cache = RoutedKVCache(model.config.num_hidden_layers)
+    first = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5, do_sample=False)
+    mask = torch.cat([mask, torch.ones_like(first[:, ids.shape[1]:])], dim=1)
+    again = model.generate(first, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW - 5, do_sample=False)
+    assert torch.equal(again, want)
+
+
+@torch.no_grad()
 def test_sink_positions_are_true_positions_under_left_padding():
     """Routers that send every token away: only each sequence's first two real tokens (not the
     first two columns of the padded batch) enter the routed layers."""
@@ -125,6 +139,8 @@ def test_other_caches_are_refused():
     model = _model()
     with pytest.raises(ValueError, match="compact cache"):
         model.generate(torch.tensor([[5, 6]]), max_new_tokens=2, cache_implementation="static")
+    with pytest.raises(TypeError, match="RoutedKVCache"):
+        model.generate(torch.tensor([[5, 6]]), max_new_tokens=2, past_key_values=DynamicCache())
 
 
 def _char_tokenizer() -> PreTrainedTokenizerFast:
