@@ -58,7 +58,7 @@ class MoDLlamaDecoderLayer(LlamaDecoderLayer):
         the reference's float32 router and forced sink positions, then the layer on the routed
         tokens only (attention over its compact KV cache) and the gated update."""
         g, forced = force_sink(router_probs(self.router, h), positions, routing.sink_tokens)
-        idx = step.route((g >= routing.threshold) | forced)
+        idx = step.route((g >= step.p) | forced)
         if idx.numel() == 0:
             return h
         h_in = h[idx]
@@ -95,7 +95,7 @@ class MoDLlamaModel(nn.Module):
             prefix=f"{prefix}.layers",
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.routing_state = RoutingState(self.routing.routed_layers)
+        self.routing_state = RoutingState(self.routing.routed_layers, self.routing.threshold)
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states", "residual"], config.hidden_size
         )

@@ -41,7 +41,7 @@ check_vllm_version()
 from .attention import make_attention_routed, routed_attention, routed_backend  # noqa: E402
 from .config_hook import MoDConfigHook  # noqa: E402
 from .kv import RoutedAttentionSpec, RoutedKVManager, cdiv, register_kv_spec, routed_groups  # noqa: E402
-from .routing import RoutingState, RoutingStep  # noqa: E402
+from .routing import RoutingState, RoutingStep, request_threshold  # noqa: E402
 from .scheduler import MoDScheduler  # noqa: E402
 from .worker import MoDWorker  # noqa: E402
 
@@ -54,6 +54,6 @@ def register_config_hook(architecture: str) -> None:
 
 __all__ = [
     "PINNED_VLLM", "MoDConfigHook", "MoDScheduler", "MoDWorker", "RoutedAttentionSpec", "RoutedKVManager",
-    "RoutingState", "RoutingStep", "cdiv", "check_vllm_version", "make_attention_routed", "register_config_hook",
+    "RoutingState", "RoutingStep", "request_threshold", "cdiv", "check_vllm_version", "make_attention_routed", "register_config_hook",
     "register_kv_spec", "routed_attention", "routed_backend", "routed_groups",
 ]

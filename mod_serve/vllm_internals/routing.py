@@ -18,6 +18,22 @@ import torch
 from .kv import routed_groups
 
 
+THRESHOLD_DECIMALS = 2
+"""A request's own threshold is rounded to 0.01: at most 101 routing classes, so prefix-cache
+entries (keyed by p) do not fragment, and the reported p is the one used."""
+
+
+def request_threshold(extra_args: dict | None, default: float) -> float:
+    """The routing threshold p of a request: ``extra_args["mod_threshold"]`` (SamplingParams; the
+    server puts the request body's ``mod_threshold`` there) rounded to 0.01, else ``default``."""
+    p = (extra_args or {}).get("mod_threshold")
+    if p is None:
+        return default
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"mod_threshold must be a number in [0, 1], got {p!r}")
+    return round(float(p), THRESHOLD_DECIMALS)
+
+
 @dataclasses.dataclass
 class RoutingStep:
     req_ids: list[str]
@@ -29,6 +45,8 @@ class RoutingStep:
     prior: torch.Tensor  # the same on the model device
     new: torch.Tensor  # [num_routed_layers, num_reqs] routed tokens in this step (model device)
     tp_group: object | None  # set when routing decisions must be shared across TP ranks
+    p: float | torch.Tensor  # routing threshold: one for the step, or per token when requests differ
+    p_req: list[float]  # each request's threshold (row order)
 
     @property
     def num_reqs(self) -> int:
@@ -47,8 +65,10 @@ class RoutingStep:
 
 
 class RoutingState:
-    def __init__(self, routed_layers: Sequence[int]):
+    def __init__(self, routed_layers: Sequence[int], threshold: float):
         self.routed_layers = list(routed_layers)
+        self.threshold = threshold  # the checkpoint's p (or the server's --mod-threshold)
+        self.p_of: dict[str, float] = {}  # req -> its own threshold
         self.slot = {layer: j for j, layer in enumerate(self.routed_layers)}
         self.counts: dict[str, tuple[int, np.ndarray]] = {}  # req -> (settled tokens, routed per layer)
         self.runner = None
@@ -73,6 +93,7 @@ class RoutingState:
     def forget(self, req_ids) -> None:
         for r in req_ids:
             self.counts.pop(r, None)
+            self.p_of.pop(r, None)
 
     # ---- per step -------------------------------------------------------------------------
     def begin(self, num_tokens: int, device: torch.device) -> RoutingStep | None:
@@ -107,18 +128,31 @@ class RoutingState:
         lengths = np.diff(qsl)
         tp = get_tp_group()
         prior_dev = torch.from_numpy(prior).to(device)
+        token_req = torch.from_numpy(np.repeat(np.arange(num_reqs), lengths)).to(device)
+        p_req = [self._threshold(runner, r) for r in req_ids]
+        p = p_req[0] if len(set(p_req)) == 1 else torch.tensor(p_req, dtype=torch.float32, device=device)[token_req]
         self._step = RoutingStep(
             req_ids=list(req_ids),
             num_tokens=int(qsl[-1]),
             max_query_len=int(lengths.max()),
             settled=computed.astype(np.int64) + lengths,
-            token_req=torch.from_numpy(np.repeat(np.arange(num_reqs), lengths)).to(device),
+            token_req=token_req,
             prior_host=prior,
             prior=prior_dev,
             new=torch.zeros_like(prior_dev),
             tp_group=tp if tp.world_size > 1 else None,
+            p=p,
+            p_req=p_req,
         )
         return self._step
+
+    def _threshold(self, runner, req_id: str) -> float:
+        p = self.p_of.get(req_id)
+        if p is None:
+            state = runner.requests.get(req_id)
+            params = state.sampling_params if state is not None else None
+            p = self.p_of[req_id] = request_threshold(params.extra_args if params else None, self.threshold)
+        return p
 
     def end(self) -> None:
         step, self._step = self._step, None
