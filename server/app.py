@@ -30,6 +30,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -42,6 +43,7 @@ from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.utils.api_utils import with_cancellation
+from vllm.exceptions import VLLMError
 from vllm.renderers.online_renderer import OnlineRenderer
 from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -359,6 +361,32 @@ async def check_api_key(request: Request) -> None:
         raise APIError(401, "Incorrect or missing API key (send 'Authorization: Bearer <key>').")
 
 
+def _checked(model_cls):
+    """``model_cls`` whose validation turns any exception into a validation error (-> 400).
+
+    Some of vLLM's request validators (``mode="before"``) assume types that pydantic has not
+    checked yet, so a body like ``{"structured_outputs": []}`` raises AttributeError or KeyError
+    inside validation, which pydantic passes on as is: that was a 500 for a malformed request.
+    A wrap validator on a subclass runs outside all of the parent's validators."""
+
+    class Checked(model_cls):
+        @model_validator(mode="wrap")
+        @classmethod
+        def _malformed_is_a_validation_error(cls, data, handler):
+            try:
+                return handler(data)
+            except (ValueError, AssertionError, VLLMError):  # pydantic's ValidationError included
+                raise
+            except Exception as e:
+                raise ValueError(f"malformed request ({type(e).__name__}: {e})") from e
+
+    Checked.__name__ = Checked.__qualname__ = model_cls.__name__
+    return Checked
+
+
+ChatRequest = _checked(ChatCompletionRequest)
+CompletionsRequest = _checked(CompletionRequest)
+
 MAX_N = 128  # OpenAI's limit; also keeps one request from occupying the engine for minutes
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range; vLLM itself takes any float, NaN and inf included
 
@@ -460,14 +488,14 @@ def build_app(engine_args: AsyncEngineArgs, served_model_name: str, api_key: str
 
     @app.post("/v1/chat/completions", dependencies=auth)
     @with_cancellation  # a client gone before a non-streamed answer cancels it (and aborts)
-    async def chat_completions(request: ChatCompletionRequest, raw_request: Request):
+    async def chat_completions(request: ChatRequest, raw_request: Request):
         _check_request(request)
         result = await raw_request.app.state.chat.create_chat_completion(request, raw_request)
         return await _respond(result, bool(request.stream))
 
     @app.post("/v1/completions", dependencies=auth)
     @with_cancellation
-    async def completions(request: CompletionRequest, raw_request: Request):
+    async def completions(request: CompletionsRequest, raw_request: Request):
         _check_request(request)
         result = await raw_request.app.state.completion.create_completion(request, raw_request)
         return await _respond(result, bool(request.stream))

@@ -30,7 +30,7 @@ from vllm.exceptions import QueueOverflowError, VLLMValidationError
 
 from server.app import APIError, harden
 from server.cli import _Server
-from test_server import KEY, ServerProcess, free_port, metrics, test_model_dir
+from test_server import KEY, ServerProcess, free_port, metrics, test_model_dir, tokenizer  # noqa: F401 (a fixture)
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -217,3 +217,361 @@ def test_drain_finishes_short_streams_and_aborts_the_rest():
     counts = tiny.serving.counters.render().decode()
     assert 'mod_serve_requests_aborted_total{reason="shutdown"} 1.0' in counts
     assert 'mod_serve_http_responses_total{status_class="5xx"} 2.0' in counts  # the two refused
+
+
+# ---------------------------------------------------------------- one real server
+
+
+pytest_slow = pytest.mark.slow
+AUTH = {"Authorization": f"Bearer {KEY}"}
+KV_GIB = "0.05"  # 273 blocks of 128 tokens over 30 layers: ~9 short requests at once (KV exhaustion)
+MAX_MODEL_LEN = 1024
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ServerProcess(
+        tmp_path_factory.mktemp("hardening"), test_model_dir(), "--kv-cache-gib", KV_GIB, "--max-model-len", str(MAX_MODEL_LEN)
+    )
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        rc = srv.stop(signal.SIGINT)
+        left = srv.wait_no_process()
+        log = srv.log_tail(10**9)
+        srv.kill()
+        assert rc == 0, f"server exit status {rc}:\n{log[-4000:]}"
+        assert left == []
+        assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-4000:]
+
+
+@pytest.fixture(scope="module")
+def model(server):
+    return httpx.get(server.base + "/v1/models", headers=AUTH, timeout=30).json()["data"][0]["id"]
+
+
+def wait_idle(base: str, timeout: float = 30) -> dict[str, float]:
+    """Metrics once no request runs or waits and every KV block is back (or at ``timeout``)."""
+    deadline = time.time() + timeout
+    while True:
+        m = metrics(base)
+        idle = m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0
+        idle = idle and m["vllm:kv_cache_usage_perc"] == 0
+        idle = idle and m.get("mod_free_kv_blocks", 0) == m.get("mod_total_kv_blocks", 0)
+        if idle or time.time() > deadline:
+            return m
+        time.sleep(0.2)
+
+
+def assert_all_blocks_back(m: dict[str, float]) -> None:
+    assert m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0
+    assert m["vllm:kv_cache_usage_perc"] == 0
+    if "mod_total_kv_blocks" in m:  # the MoD plugin's own pool count: every layer's blocks
+        assert m["mod_free_kv_blocks"] == m["mod_total_kv_blocks"] > 0, m
+        assert m["mod_routed_kv_blocks"] == 0
+
+
+def counter(m: dict[str, float], name: str, label: str, value: str) -> float:
+    return m.get(f"{name}{{{label}={value}}}", 0.0)
+
+
+GREEDY = {"messages": [{"role": "user", "content": "Name three primary colours."}], "max_tokens": 12, "temperature": 0}
+
+
+def greedy_answer(http: httpx.Client, model: str) -> str:
+    r = http.post("/v1/chat/completions", json={"model": model, **GREEDY})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+# ---- the fuzz cases
+
+CHAT, CMPL = "/v1/chat/completions", "/v1/completions"
+WEIRD = [
+    None, True, False, 0, -1, 1, 3, 7, -7, 2**31, 2**63, -(2**63) - 1, 10**30, 0.5, -0.5, 1e308, -1e308, 5e-324,
+    "", "x", "9", "null", "\U0001f642" * 3, "\x00\x01", "a" * 20000, [], [1], [-1], ["a"], [[]], [None], {}, {"a": 1},
+    {"type": "text"}, [{"role": "user"}],
+]  # fmt: skip
+# max_tokens (and max_completion_tokens) only get values that are wrong or small: a valid
+# large or null one would decode up to max_model_len tokens and make the fuzz slow, not harder
+BAD_MAX_TOKENS = [0, -1, -(2**63), 2**63, 10**30, 10**9, MAX_MODEL_LEN + 1, 1.5, "x", "", [], {}, False, 1e308]
+FIELDS = [
+    "model", "temperature", "top_p", "top_k", "min_p", "n", "seed", "stop", "stream", "stream_options", "logit_bias",
+    "presence_penalty", "frequency_penalty", "repetition_penalty", "user", "stop_token_ids", "allowed_token_ids",
+    "bad_words", "min_tokens", "ignore_eos", "response_format", "structured_outputs", "truncate_prompt_tokens",
+    "priority", "prompt_logprobs", "logprobs", "skip_special_tokens", "include_stop_str_in_output", "request_id",
+    "cache_salt", "vllm_xargs", "echo", "best_of",
+]  # fmt: skip
+CHAT_FIELDS = FIELDS + ["messages", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
+                        "add_generation_prompt", "continue_final_message", "chat_template_kwargs", "documents"]  # fmt: skip
+CMPL_FIELDS = FIELDS + ["prompt", "suffix"]
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+MESSAGE_VARIANTS = [
+    [{"role": "wizard", "content": "hi"}],
+    [{"role": "user"}],
+    [{"role": "user", "content": None}],
+    [{"content": "no role"}],
+    [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}]}],
+    [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}],
+    [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "file:///etc/passwd"}}]}],
+    [{"role": "user", "content": [{"type": "file", "file": {"file_data": "AAAA"}}]}],
+    [{"role": "user", "content": [{"type": "nonsense"}]}],
+    [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+    [{"role": "tool", "content": "42"}],
+    [{"role": "assistant", "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{bad"}}]}],
+    [{"role": "system", "content": "only a system message"}],
+    [{"role": "user", "content": "hi"}] * 3000,
+    [{"role": "user", "content": "hello " * 3000}],
+    [],
+    {"role": "user", "content": "not a list"},
+    "hi",
+]
+PROMPT_VARIANTS = [
+    "", [], [[]], [10**9], [-1], [49152], [0], [1.5], ["a"] * 2000, [[1, 2], ["x"]], "hello " * 3000,
+    list(range(5000)), "x" * (1 << 20), {"a": 1}, [None],
+]  # fmt: skip
+BIG_LISTS = {
+    "stop": ["stop%d" % i for i in range(5000)],
+    "stop_token_ids": list(range(5000)),
+    "bad_words": ["w%d" % i for i in range(5000)],
+    "logit_bias": {str(i): 1 for i in range(5000)},
+    "allowed_token_ids": list(range(49152, 54152)),
+}
+RAW_NUMBERS = ["NaN", "Infinity", "-Infinity", "1e999", "-0", "01", "1_000", "0x10", "1e-999"]
+NUMERIC_FIELDS = ["temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "max_tokens", "seed", "n"]
+
+
+def fuzz_cases(seed: int, count: int, model: str) -> list[tuple[str, bytes, str]]:
+    """``count`` (path, body bytes, what) cases: half to each endpoint, each a valid small request
+    with one or two things broken."""
+    rng = random.Random(seed)
+    cases = []
+
+    def base(path):
+        body = {"model": model, "max_tokens": 2, "temperature": 0}
+        if path == CHAT:
+            body["messages"] = [{"role": "user", "content": "Say hi"}]
+        else:
+            body["prompt"] = "Hello"
+        return body
+
+    def mutate(path, body):
+        fields = CHAT_FIELDS if path == CHAT else CMPL_FIELDS
+        kind = rng.choice(["field", "field", "field", "missing", "unknown", "messages_or_prompt", "big", "tools", "logprobs", "max_tokens"])
+        if kind == "field":
+            f = rng.choice(fields)
+            body[f] = rng.choice(WEIRD)
+            return f"{f}={json.dumps(body[f])[:30]}"
+        if kind == "missing":
+            f = rng.choice([k for k in body if k != "max_tokens"])
+            del body[f]
+            return f"no {f}"
+        if kind == "unknown":
+            f = rng.choice(["foo", "__proto__", "functions", "function_call", "logit_bias_typo", "max_token", "x" * 200])
+            body[f] = rng.choice(WEIRD)
+            return f"unknown {f[:20]}"
+        if kind == "messages_or_prompt":
+            if path == CHAT:
+                body["messages"] = rng.choice(MESSAGE_VARIANTS)
+                return f"messages={json.dumps(body['messages'])[:40]}"
+            body["prompt"] = rng.choice(PROMPT_VARIANTS)
+            return f"prompt={json.dumps(body['prompt'])[:40]}"
+        if kind == "big":
+            f = rng.choice(list(BIG_LISTS))
+            body[f] = BIG_LISTS[f]
+            return f"{f} x{len(BIG_LISTS[f])}"
+        if kind == "tools":
+            body["tools"] = rng.choice([[TOOL], [TOOL] * 200, [{"type": "function"}], [{"type": "retrieval"}], "x"])
+            body["tool_choice"] = rng.choice(["auto", "required", "none", "bogus", {"type": "function", "function": {"name": "nope"}}, None])
+            if rng.random() < 0.5:
+                body["response_format"] = rng.choice([
+                    {"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}},
+                    {"type": "json_schema"}, {"type": "grammar", "grammar": "("}, {"type": "structural_tag"}, {"type": "xml"},
+                ])  # fmt: skip
+            return f"tools/{json.dumps(body.get('tool_choice'))}/{json.dumps(body.get('response_format'))[:30]}"
+        if kind == "logprobs":
+            if path == CHAT:
+                body["logprobs"] = rng.choice([True, False, None, 5])
+                body["top_logprobs"] = rng.choice([-1, 0, 5, 21, 10**9, "x", None])
+            else:
+                body["logprobs"] = rng.choice([-1, 0, 5, 21, 10**9, True, "x"])
+                body["echo"] = rng.choice([True, False])
+            return f"logprobs={body['logprobs']} top={body.get('top_logprobs', body.get('echo'))}"
+        key = "max_completion_tokens" if path == CHAT and rng.random() < 0.3 else "max_tokens"
+        body[key] = rng.choice(BAD_MAX_TOKENS)
+        return f"{key}={body[key]}"
+
+    def raw(path, body) -> tuple[bytes, str]:
+        text = json.dumps(body)
+        kind = rng.choice(["truncated", "garbage", "utf8", "deep", "number", "nonobject", "empty"])
+        if kind == "truncated":
+            return text[: rng.randrange(len(text))].encode(), "truncated JSON"
+        if kind == "garbage":
+            return (text + rng.choice(["}", ",", " x", "\x00", "]]"])).encode(), "trailing garbage"
+        if kind == "utf8":
+            raw_bytes = text.encode()
+            i = raw_bytes.index(b'"', raw_bytes.index(b'"model"') + 8) + 1
+            return raw_bytes[:i] + rng.choice([b"\xff\xfe", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80"]) + raw_bytes[i:], "invalid UTF-8"
+        if kind == "deep":
+            depth = rng.choice([64, 1000, 100000])
+            key = "messages" if path == CHAT else "prompt"
+            return f'{{"model": "{model}", "max_tokens": 2, "{key}": {"[" * depth}1{"]" * depth}}}'.encode(), f"nested {depth}"
+        if kind == "number":
+            f = rng.choice(NUMERIC_FIELDS)
+            return text[:-1].encode() + f', "{f}": {rng.choice(RAW_NUMBERS)}}}'.encode(), f"{f} raw number"
+        if kind == "nonobject":
+            return json.dumps(rng.choice(WEIRD)).encode(), "not an object"
+        return b"", "empty body"
+
+    for i in range(count):
+        path = CHAT if i % 2 == 0 else CMPL
+        body = base(path)
+        if rng.random() < 0.2:
+            content, what = raw(path, body)
+        else:
+            what = " & ".join(mutate(path, body) for _ in range(rng.choice([1, 1, 2])))
+            if rng.random() < 0.25:
+                body["stream"] = True
+            content = json.dumps(body).encode()
+        cases.append((path, content, what))
+    return cases
+
+
+FUZZ_SEED, FUZZ_COUNT = 12, 320
+
+
+@pytest_slow
+def test_fuzz_one_keepalive_connection(server, model):
+    cases = fuzz_cases(FUZZ_SEED, FUZZ_COUNT, model)
+    log_path = Path(server.log.name)
+    log_start = log_path.stat().st_size
+    statuses, failures, ports = Counter(), [], set()
+    started = time.time()
+    with httpx.Client(base_url=server.base, headers=AUTH, timeout=httpx.Timeout(60)) as http:
+        before = greedy_answer(http, model)
+        for path, content, what in cases:
+            try:
+                r = http.post(path, content=content, headers={"content-type": "application/json"})
+            except httpx.HTTPError as e:  # a reset connection, a hang (the timeout), ...
+                failures.append(f"{path} {what}: {e!r}")
+                continue
+            ports.add(local_port(r))
+            statuses[r.status_code] += 1
+            if r.status_code >= 500:
+                failures.append(f"{path} {what}: {r.status_code} {r.text[:200]}")
+            elif r.status_code >= 400:
+                try:
+                    err = r.json()["error"]
+                    assert set(err) == ERROR_KEYS and err["message"] and err["type"] == "invalid_request_error"
+                except Exception:
+                    failures.append(f"{path} {what}: {r.status_code} without an OpenAI error body: {r.text[:200]}")
+        after = greedy_answer(http, model)
+    took = time.time() - started
+    print(f"fuzz: {len(cases)} requests in {took:.0f} s, statuses {dict(sorted(statuses.items()))}, "
+          f"{len(failures)} failures, {len(ports)} connection(s)")  # fmt: skip
+    assert failures == []
+    assert sum(statuses.values()) == FUZZ_COUNT >= 300
+    assert len(ports) == 1  # every request, 4xx or not, on the one keep-alive connection
+    assert before == after
+    assert sum(n for s, n in statuses.items() if 400 <= s < 500) >= FUZZ_COUNT // 2  # it did probe errors
+    log = log_path.read_text()[log_start:]
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
+    assert not re.search(r"^(\(\w+ pid=\d+\) )?ERROR", log, re.M), log[-3000:]
+    warned = re.findall(r"^WARNING .* \[http\] .* (4\d\d) in ", log, re.M)
+    assert len(warned) == sum(n for s, n in statuses.items() if 400 <= s < 500)  # one line per 4xx
+
+
+SOAK_STREAMS, SOAK_ROUNDS = 64, 3
+
+
+async def soak_stream(http: httpx.AsyncClient, model: str, i: int) -> tuple[int, bool, list[str]]:
+    """Stream ``i``: chat or completion; every fourth is dropped after three events (it asked for
+    300 tokens, so it cannot have finished), the others read to the end (8 tokens)."""
+    drop = i % 4 == 0
+    body = {"model": model, "max_tokens": 300 if drop else 8, "stream": True, "ignore_eos": drop}
+    if i % 2:
+        path, body["prompt"] = CMPL, f"Fact number {i}:"
+    else:
+        path, body["messages"] = CHAT, [{"role": "user", "content": f"Say a number close to {i}."}]
+    events = []
+    async with http.stream("POST", path, json=body) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                events.append(line[len("data: ") :])
+                if drop and len(events) == 3:
+                    break  # leaving the block closes the connection mid-stream
+    return r.status_code, drop, events
+
+
+@pytest_slow
+def test_soak_streams_dropped_midstream_leak_nothing(server, model):
+    before = metrics(server.base)
+
+    async def one_round():
+        limits = httpx.Limits(max_connections=SOAK_STREAMS)
+        async with httpx.AsyncClient(base_url=server.base, headers=AUTH, timeout=120, limits=limits) as http:
+            return await asyncio.gather(*(soak_stream(http, model, i) for i in range(SOAK_STREAMS)))
+
+    for n in range(SOAK_ROUNDS):
+        started = time.time()
+        results = asyncio.run(one_round())
+        took = time.time() - started
+        assert [status for status, _, _ in results] == [200] * SOAK_STREAMS
+        dropped = [events for _, drop, events in results if drop]
+        finished = [events for _, drop, events in results if not drop]
+        assert len(dropped) == SOAK_STREAMS // 4 and all(len(e) == 3 for e in dropped)
+        for events in finished:
+            assert events[-1] == "[DONE]" and "error" not in json.loads(events[-2])
+            assert json.loads(events[-2])["choices"][0]["finish_reason"] in ("length", "stop")
+        m = wait_idle(server.base)
+        print(f"soak round {n + 1}: {SOAK_STREAMS} streams in {took:.1f} s; free/total blocks "
+              f"{m.get('mod_free_kv_blocks')}/{m.get('mod_total_kv_blocks')}, running {m['vllm:num_requests_running']}")  # fmt: skip
+        assert_all_blocks_back(m)
+    after = metrics(server.base)
+    delta = {k: after[k] - before.get(k, 0) for k in after if k.startswith("mod_serve_")}
+    assert counter(delta, "mod_serve_requests_aborted_total", "reason", "client_disconnect") == SOAK_ROUNDS * SOAK_STREAMS // 4
+    assert counter(delta, "mod_serve_http_responses_total", "status_class", "2xx") >= SOAK_ROUNDS * SOAK_STREAMS
+    assert counter(delta, "mod_serve_http_responses_total", "status_class", "4xx") == 0
+    assert counter(delta, "mod_serve_http_responses_total", "status_class", "5xx") == 0
+
+
+KVX_REQUESTS, KVX_PROMPT, KVX_TOKENS = 10, 110, 32  # 110 + 32 > 128: every request needs a second block
+
+
+@pytest_slow
+def test_kv_exhaustion_preempts_and_every_request_matches_an_unloaded_run(server, model, tokenizer):
+    """Ten requests of up to 142 tokens: ~30 blocks each while under 128 tokens (one per layer),
+    ~45 past it, against a pool of 273: the scheduler can hold about nine, and has to preempt
+    running requests when they grow. Every one must still complete, equal to the same request
+    run alone (float32), with no 5xx."""
+    text = (
+        "The history of the city goes back many centuries. Merchants came from distant lands to trade "
+        "spices, silk and silver, and the harbour grew into one of the busiest on the coast. "
+    ) * 4
+    ids = tokenizer(text)["input_ids"]
+    prompts = [(tokenizer(f"Chapter {i}.")["input_ids"] + ids[3 * i :])[:KVX_PROMPT] for i in range(KVX_REQUESTS)]
+    assert all(len(p) == KVX_PROMPT for p in prompts)
+
+    def body(p):
+        return {"model": model, "prompt": p, "max_tokens": KVX_TOKENS, "temperature": 0, "ignore_eos": True}
+
+    with httpx.Client(base_url=server.base, headers=AUTH, timeout=300) as http:
+        alone = [http.post(CMPL, json=body(p)).json()["choices"][0]["text"] for p in prompts]
+    before = metrics(server.base)
+
+    async def all_at_once():
+        async with httpx.AsyncClient(base_url=server.base, headers=AUTH, timeout=300) as http:
+            return await asyncio.gather(*(http.post(CMPL, json=body(p)) for p in prompts))
+
+    responses = asyncio.run(all_at_once())
+    after = wait_idle(server.base)
+    assert [r.status_code for r in responses] == [200] * KVX_REQUESTS, [r.text[:200] for r in responses]
+    preempted = after["vllm:num_preemptions_total"] - before["vllm:num_preemptions_total"]
+    print(f"KV exhaustion: {KVX_REQUESTS} requests, {preempted:.0f} preemptions")
+    assert preempted > 0  # the pool really ran out
+    together = [r.json()["choices"][0]["text"] for r in responses]
+    assert [r.json()["usage"]["completion_tokens"] for r in responses] == [KVX_TOKENS] * KVX_REQUESTS
+    assert together == alone
+    assert_all_blocks_back(after)
+    assert counter(after, "mod_serve_http_responses_total", "status_class", "5xx") == 0
