@@ -97,8 +97,8 @@ def classify(exc: BaseException) -> tuple[int, str, str | None]:
         return 500, f"{type(exc).__name__}: {exc}", None
     err = create_error_response(exc).error
     message = err.message or type(exc).__name__
-    if err.code >= 500:
-        message = f"Internal server error ({type(exc).__name__})"  # details go to the log, not the client
+    if err.code == 500:  # a fault: the details go to the log, not to the client
+        message = f"Internal server error ({type(exc).__name__})"
     return int(err.code), message, err.param
 
 
@@ -142,7 +142,7 @@ class QuietClientErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None:
-            return classify(exc)[0] >= 500
+            return classify(exc)[0] == 500
         return not str(record.msg).startswith(self.USER_ERRORS)
 
 
@@ -327,17 +327,17 @@ class ServingMiddleware:
         counters = self.serving.counters
         if ex.status is not None and not ex.gone_before_start:  # a status line the client got
             counters.response(ex.status)
-        if ex.abort_reason is not None or (ex.client_gone and not ex.complete):
+        if ex.abort_reason is not None or ex.client_gone:  # (gone before the response was complete)
             reason = ex.abort_reason or "client_disconnect"
             counters.aborted(reason)
             log.info("%s aborted (%s) after %.2f s", where, reason.replace("_", " "), took)
             return
         status = ex.status or 0
-        if status >= 500 and exc is not None:
+        if exc is not None and classify(exc)[0] == 500:  # a real fault: the one traceback
             log.error("%s %d in %.2f s: %s", where, status, took, _oneline(repr(exc)), exc_info=exc)
-        elif status >= 500:
+        elif status == 500:
             log.error("%s %d in %.2f s: %s", where, status, took, _oneline(ex.logged_error() or ""))
-        elif status >= 400:
+        elif status >= 400:  # the client's mistake, or 503 (queue full, draining), 501: expected
             log.warning("%s %d in %.2f s: %s", where, status, took, _oneline(ex.logged_error() or ""))
         else:
             log.info("%s %d in %.2f s", where, status, took)

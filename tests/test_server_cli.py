@@ -1,9 +1,11 @@
-"""`mod-serve serve` as a command: argument errors, the default model, --mod-threshold, SIGTERM.
+"""`mod-serve serve` as a command: argument errors, the default model, --mod-threshold,
+--max-waiting (backpressure), SIGTERM (the drain).
 
 (SIGINT is the teardown of test_server.py's server.)"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import threading
@@ -16,12 +18,15 @@ from mod_serve.cli import main as mod_serve_main
 from server.cli import hf_overrides, main, parse_args
 from test_server import KEY, ServerProcess, metrics, plugin_available
 
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
 def test_help_lists_options(capsys):
     with pytest.raises(SystemExit) as exc:
         mod_serve_main(["serve", "--help"])  # through the `mod-serve` dispatcher
     out = capsys.readouterr().out
     assert exc.value.code == 0
-    for opt in ("--model", "--host", "--port", "--api-key", "--max-model-len", "--kv-cache-gib", "--mod-threshold"):
+    for opt in ("--model", "--host", "--port", "--api-key", "--max-model-len", "--kv-cache-gib", "--mod-threshold",
+                "--max-waiting", "--drain-timeout"):
         assert opt in out
 
 
@@ -33,6 +38,9 @@ def test_help_lists_options(capsys):
         (["--kv-cache-gib", "0"], "--kv-cache-gib must be > 0"),
         (["--port", "70000"], "--port"),
         (["--max-model-len", "0"], "--max-model-len"),
+        (["--max-waiting", "-1"], "--max-waiting must be >= 0"),
+        (["--drain-timeout", "-1"], "--drain-timeout must be >= 0"),
+        (["--drain-timeout", "nan"], "--drain-timeout must be >= 0"),
     ],
 )
 def test_bad_arguments_are_refused_before_anything_starts(args, says, capsys):
@@ -57,68 +65,186 @@ def test_mod_threshold_override_keeps_the_rest_of_the_mod_config(default_model_d
     assert hf_overrides(p, default_model_dir, None) is None
 
 
-def _stream_until_cut(base: str, model: str, first_chunk: threading.Event, result: dict) -> None:
-    body = {"model": model, "prompt": "Once upon a time", "max_tokens": 1500, "stream": True, "ignore_eos": True}
-    lines = []
+# ---------------------------------------------------------------- the default model's server
+
+MAX_NUM_SEQS, MAX_WAITING, DRAIN_S = 2, 1, 8
+needs_plugin = pytest.mark.skipif(not plugin_available(), reason="the default model is MoD: needs the vLLM plugin")
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory):
+    """No --model: the default MoD model, at p = 1.01; two sequences at most and one waiting
+    (backpressure), an 8 s drain. Its last test sends SIGTERM."""
+    srv = ServerProcess(
+        tmp_path_factory.mktemp("default_model"),
+        None,
+        "--mod-threshold", "1.01",
+        "--max-num-seqs", str(MAX_NUM_SEQS),
+        "--max-waiting", str(MAX_WAITING),
+        "--drain-timeout", str(DRAIN_S),
+    )  # fmt: skip
     try:
-        with httpx.stream("POST", base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as r:
-            for line in r.iter_lines():
-                lines.append(line)
-                first_chunk.set()
-    except httpx.HTTPError as e:
-        result["error"] = repr(e)
-    result["lines"] = lines
-    first_chunk.set()
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.kill()  # whatever happened, nothing of ours outlives the module
+
+
+@pytest.fixture(scope="module")
+def default_model_name(default_server):
+    return httpx.get(default_server.base + "/v1/models", headers=AUTH, timeout=30).json()["data"][0]["id"]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not plugin_available(), reason="the default model is MoD: needs the vLLM plugin")
-def test_default_model_threshold_override_and_sigterm_mid_stream(tmp_path):
+@needs_plugin
+def test_default_model_and_threshold_override(default_server, default_model_name):
     """No --model: the default MoD model. p = 1.01 routes nothing in (g <= 1; a trained router can
-    reach g == 1.0 exactly in float32, so p = 1.0 would not do) but the sink position, which the MoD gauges show. Then SIGTERM with a stream in flight: the server exits 0
-    and leaves no process."""
+    reach g == 1.0 exactly in float32, so p = 1.0 would not do) but the sink position, which the MoD gauges show."""
     from mod_serve.default_model import prepare_default_model
 
+    srv, model = default_server, default_model_name
     mod = json.loads((prepare_default_model() / "config.json").read_text())["mod"]
-    srv = ServerProcess(tmp_path, None, "--mod-threshold", "1.01")
-    try:
-        srv.wait_ready()
-        models = httpx.get(srv.base + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
-        model = models["data"][0]["id"]
-        assert model == "SmolLM2-135M-Instruct-MoD"
-        r = httpx.post(
-            srv.base + "/v1/chat/completions",
-            json={"model": model, "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 8},
-            headers={"Authorization": f"Bearer {KEY}"},
-            timeout=120,
-        )
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-        m = metrics(srv.base)
-        fractions = [v for k, v in m.items() if k.startswith("mod_routed_fraction{")]
-        assert len(fractions) == len(mod["routed_layers"]), m
-        if mod["sink_tokens"]:  # one request of ~30 prompt tokens: only its sink routed in, everywhere
-            assert len(set(fractions)) == 1 and 0 < fractions[0] < 0.1, fractions
-        else:
-            assert all(v == 0 for v in fractions), m
+    assert model == "SmolLM2-135M-Instruct-MoD"
+    r = httpx.post(
+        srv.base + "/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 8},
+        headers=AUTH,
+        timeout=120,
+    )
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    m = metrics(srv.base)
+    fractions = [v for k, v in m.items() if k.startswith("mod_routed_fraction{")]
+    assert len(fractions) == len(mod["routed_layers"]), m
+    if mod["sink_tokens"]:  # one request of ~30 prompt tokens: only its sink routed in, everywhere
+        assert len(set(fractions)) == 1 and 0 < fractions[0] < 0.1, fractions
+    else:
+        assert all(v == 0 for v in fractions), m
 
-        children = srv.group_pids()
-        assert len(children) >= 2, children  # the server and vLLM's engine core at least
-        first, result = threading.Event(), {}
-        t = threading.Thread(target=_stream_until_cut, args=(srv.base, model, first, result))
+
+def _long_body(model: str, max_tokens: int = 1500) -> dict:
+    return {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+
+
+async def _hold_stream(http: httpx.AsyncClient, model: str) -> None:
+    async with http.stream("POST", "/v1/completions", json=_long_body(model)) as r:
+        async for _ in r.aiter_lines():
+            pass
+
+
+@pytest.mark.slow
+@needs_plugin
+def test_max_waiting_backpressure(default_server, default_model_name):
+    """--max-num-seqs 2 --max-waiting 1: with two long streams running and one waiting, the next
+    request (streamed or not) gets 503 with Retry-After and an OpenAI error body at once; once
+    the three are gone, requests are served again."""
+    srv, model = default_server, default_model_name
+    before = metrics(srv.base)
+    full = MAX_NUM_SEQS + MAX_WAITING
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=srv.base, headers=AUTH, timeout=120) as http:
+            hogs = [asyncio.create_task(_hold_stream(http, model)) for _ in range(full)]
+            deadline = time.time() + 60
+            while True:
+                m = await asyncio.to_thread(metrics, srv.base)
+                if m["vllm:num_requests_running"] + m["vllm:num_requests_waiting"] == full:
+                    break
+                assert time.time() < deadline, m
+                await asyncio.sleep(0.2)
+            assert m["vllm:num_requests_running"] == MAX_NUM_SEQS
+            refused = [
+                await http.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 4}),
+                await http.post("/v1/completions", json=_long_body(model, 4)),
+                await http.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "Hi"}]}),
+            ]
+            for hog in hogs:
+                hog.cancel()
+            await asyncio.gather(*hogs, return_exceptions=True)
+            return refused
+
+    for r in asyncio.run(scenario()):
+        assert r.status_code == 503, r.text
+        assert int(r.headers["retry-after"]) >= 1
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["type"] == "service_unavailable_error"
+        assert "busy" in err["message"]
+    deadline = time.time() + 30
+    while (m := metrics(srv.base))["vllm:num_requests_running"] + m["vllm:num_requests_waiting"] and time.time() < deadline:
+        time.sleep(0.2)
+    r = httpx.post(srv.base + "/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 4}, headers=AUTH, timeout=120)
+    assert r.status_code == 200, r.text  # room again
+    m = metrics(srv.base)
+    aborted = m['mod_serve_requests_aborted_total{reason=client_disconnect}'] - before['mod_serve_requests_aborted_total{reason=client_disconnect}']
+    assert aborted == full
+    assert m["mod_serve_http_responses_total{status_class=5xx}"] - before["mod_serve_http_responses_total{status_class=5xx}"] == 3
+
+
+def _read_stream(base: str, body: dict, first: threading.Event, result: dict) -> None:
+    events = []  # (time received, payload)
+    try:
+        with httpx.stream("POST", base + "/v1/completions", json=body, headers=AUTH, timeout=120) as r:
+            result["status"] = r.status_code
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append((time.time(), line[len("data: ") :]))
+                    first.set()
+    except httpx.HTTPError as e:
+        result["error"] = repr(e)
+    result["events"] = events
+    first.set()
+
+
+@pytest.mark.slow
+@needs_plugin
+def test_sigterm_drains_then_exits(default_server, default_model_name):
+    """Runs last in this module. SIGTERM with two streams in flight: new requests and /health get
+    503 at once, the short stream finishes inside --drain-timeout, the long one keeps streaming
+    until the timeout and is then cut with an error event and [DONE]; the server exits 0 and
+    leaves no process."""
+    srv, model = default_server, default_model_name
+    short, long = {}, {}
+    short_first, long_first = threading.Event(), threading.Event()
+    threads = [
+        threading.Thread(target=_read_stream, args=(srv.base, _long_body(model, 16), short_first, short)),
+        threading.Thread(target=_read_stream, args=(srv.base, _long_body(model, 1500), long_first, long)),
+    ]
+    for t in threads:
         t.start()
-        assert first.wait(60)
-        sent = time.time()
-        rc = srv.stop(signal.SIGTERM, timeout=60)
-        took = time.time() - sent
-        print(f"SIGTERM mid-stream -> exit {rc} in {took:.1f} s")
-        t.join(60)
-        assert rc == 0, srv.log_tail()
-        assert took < 20, srv.log_tail()  # measured 7-9 s here; compose allows 30 s
-        # the stream was told why it ended, then closed properly
-        events = [line for line in result["lines"] if line.startswith("data: ")]
-        assert events[-1] == "data: [DONE]" and "server shutting down" in events[-2], events[-3:]
-        assert len(events) < 1500
-        assert srv.wait_no_process() == []  # vLLM workers exit a moment after their parent
-        assert "[mod-serve] stopped" in srv.log_tail()
-    finally:
-        srv.kill()  # whatever happened, nothing of ours outlives the test
+    assert short_first.wait(60) and long_first.wait(60)
+    children = srv.group_pids()
+    assert len(children) >= 2, children  # the server and vLLM's engine core at least
+    sent = time.time()
+    srv.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    health = httpx.get(srv.base + "/health", timeout=10)
+    new = httpx.post(srv.base + "/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 2}, headers=AUTH, timeout=10)
+    for r in (health, new):
+        assert r.status_code == 503 and r.headers["connection"] == "close" and r.headers["retry-after"]
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and "shutting down" in err["message"]
+    try:
+        rc = srv.proc.wait(DRAIN_S + 60)
+    except Exception:
+        rc = None
+    took = time.time() - sent
+    for t in threads:
+        t.join(30)
+    log = srv.log_tail(20000)
+    print(f"SIGTERM with 2 streams -> exit {rc} in {took:.1f} s (--drain-timeout {DRAIN_S})")
+    assert rc == 0, log
+    # the short stream ended normally, inside the drain
+    events = [e for _, e in short["events"]]
+    assert short["status"] == 200 and "error" not in short and events[-1] == "[DONE]", events[-3:]
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"  # all its 16 tokens
+    assert "shutting down" not in "".join(events)
+    short_done = short["events"][-1][0]
+    # the long one went on streaming after the short one finished, then was cut and told why
+    events = [e for _, e in long["events"]]
+    assert long["status"] == 200 and "error" not in long and events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["message"] == "server shutting down", events[-3:]
+    assert sum(1 for when, _ in long["events"] if when > short_done) > 2
+    assert len(events) < 1500
+    assert "[mod-serve] draining: 2 request(s) in flight" in log
+    assert "[mod-serve] drain timeout: aborting 1 request(s) still in flight" in log
+    assert "[mod-serve] stopped" in log and "Traceback" not in log
+    assert srv.wait_no_process() == []  # vLLM workers exit a moment after their parent
