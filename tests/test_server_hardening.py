@@ -24,8 +24,9 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
+from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 from vllm.exceptions import QueueOverflowError, VLLMValidationError
 
 from server.app import APIError, harden
@@ -93,6 +94,16 @@ class TinyApp:
                 raise RuntimeError("broke mid-stream")
 
             return StreamingResponse(gen(), media_type="text/event-stream")
+
+        @app.post("/v1/slow-json")
+        @with_cancellation  # as the real routes: a disconnect cancels the handler
+        async def slow_json(raw_request: Request):
+            try:
+                await asyncio.sleep(60)
+            except BaseException:
+                self.cancelled.append("json")
+                raise
+            return {"late": True}
 
         @app.post("/v1/stream/{name}/{chunks}")
         async def stream(name: str, chunks: int):
@@ -182,8 +193,9 @@ def test_errors_keep_the_connection_and_log_one_line(caplog):
 
 def test_drain_finishes_short_streams_and_aborts_the_rest():
     """SIGTERM's path on a tiny app: new requests and /health 503, one stream ends inside the
-    drain timeout, the other is aborted at it (its generator cancelled, an error event and
-    [DONE] sent), then the server exits."""
+    drain timeout; a longer stream and a non-streamed request are aborted at it (their handlers
+    cancelled, as vLLM's generate() is by a disconnect): the stream gets an error event and
+    [DONE], the other a 503; then the server exits."""
     tiny = TinyApp()
     results = {}
 
@@ -191,12 +203,16 @@ def test_drain_finishes_short_streams_and_aborts_the_rest():
         with httpx.stream("POST", f"{srv.base}/v1/stream/{name}/{chunks}", timeout=30) as r:
             results[name] = (r.status_code, sse_events(r.read().decode()))
 
+    def wait_json():
+        results["json"] = httpx.post(f"{srv.base}/v1/slow-json", timeout=30)
+
     with ThreadServer(tiny.app, drain_timeout=1.5) as srv:
         threads = [threading.Thread(target=read, args=a) for a in (("short", 8), ("long", 1000))]
+        threads.append(threading.Thread(target=wait_json))
         for t in threads:
             t.start()
         deadline = time.time() + 10
-        while len(tiny.serving.inflight) < 2 and time.time() < deadline:
+        while len(tiny.serving.inflight) < 3 and time.time() < deadline:
             time.sleep(0.02)
         srv.server.handle_exit(signal.SIGTERM, None)
         time.sleep(0.1)
@@ -213,10 +229,12 @@ def test_drain_finishes_short_streams_and_aborts_the_rest():
     status, long = results["long"]
     assert status == 200 and long[-1] == "[DONE]" and 1 < len(long) < 1000
     assert json.loads(long[-2])["error"]["message"] == "server shutting down"
-    assert tiny.cancelled == ["long"]
+    err = assert_error_body(results["json"], 503)
+    assert err["message"] == "server shutting down: request aborted at the drain timeout"
+    assert sorted(tiny.cancelled) == ["json", "long"]
     counts = tiny.serving.counters.render().decode()
-    assert 'mod_serve_requests_aborted_total{reason="shutdown"} 1.0' in counts
-    assert 'mod_serve_http_responses_total{status_class="5xx"} 2.0' in counts  # the two refused
+    assert 'mod_serve_requests_aborted_total{reason="shutdown"} 2.0' in counts
+    assert 'mod_serve_http_responses_total{status_class="5xx"} 3.0' in counts  # two refused, one aborted
 
 
 # ---------------------------------------------------------------- one real server
