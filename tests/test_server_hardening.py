@@ -242,8 +242,8 @@ def test_drain_finishes_short_streams_and_aborts_the_rest():
 
 pytest_slow = pytest.mark.slow
 AUTH = {"Authorization": f"Bearer {KEY}"}
-KV_GIB = "0.05"  # 273 blocks of 128 tokens over 30 layers: ~9 short requests at once (KV exhaustion)
-MAX_MODEL_LEN = 1024
+KV_GIB = "0.02"  # room for ~465 tokens in every one of the 30 layers (vLLM's count), for KV exhaustion
+MAX_MODEL_LEN = 448  # (vLLM refuses a max_model_len the KV cache cannot hold once)
 
 
 @pytest.fixture(scope="module")
@@ -554,19 +554,21 @@ def test_soak_streams_dropped_midstream_leak_nothing(server, model):
     assert counter(delta, "mod_serve_http_responses_total", "status_class", "5xx") == 0
 
 
-KVX_REQUESTS, KVX_PROMPT, KVX_TOKENS = 10, 110, 32  # 110 + 32 > 128: every request needs a second block
+KVX_REQUESTS, KVX_PROMPT, KVX_TOKENS = 6, 64, 72
 
 
 @pytest_slow
 def test_kv_exhaustion_preempts_and_every_request_matches_an_unloaded_run(server, model, tokenizer):
-    """Ten requests of up to 142 tokens: ~30 blocks each while under 128 tokens (one per layer),
-    ~45 past it, against a pool of 273: the scheduler can hold about nine, and has to preempt
-    running requests when they grow. Every one must still complete, equal to the same request
-    run alone (float32), with no 5xx."""
+    """Six requests of 64 prompt tokens growing to 136, against a pool that holds ~465 tokens
+    per layer: the scheduler admits requests while their prompts fit, and they cannot all grow
+    to their end (blocks of 32 tokens, measured: two per layer each at admission, five at the
+    end; the same with blocks of 128: one, then two past 128 tokens), so it has to preempt
+    running ones. Every request must still complete, equal to the same request run alone
+    (float32), with no 5xx."""
     text = (
         "The history of the city goes back many centuries. Merchants came from distant lands to trade "
         "spices, silk and silver, and the harbour grew into one of the busiest on the coast. "
-    ) * 4
+    ) * 3
     ids = tokenizer(text)["input_ids"]
     prompts = [(tokenizer(f"Chapter {i}.")["input_ids"] + ids[3 * i :])[:KVX_PROMPT] for i in range(KVX_REQUESTS)]
     assert all(len(p) == KVX_PROMPT for p in prompts)
