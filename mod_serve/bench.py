@@ -63,6 +63,23 @@ def prompts_of(corpus: list[int], length: int, count: int) -> list[list[int]]:
     return [corpus[i * step : i * step + length] for i in range(count)]
 
 
+def ideal_speedup(config, routed_fraction: dict, context: float, lm_head_share: float = 1.0) -> float:
+    """dense MACs / MoD MACs per token: layers skipped at the measured routed fractions r_i, and a
+    token routed into layer i attends to the r_i * context tokens routed there before it. Zero
+    routing overhead, so an upper bound; on this CPU GEMMs are weight-bandwidth bound at batch 8, where
+    a layer's weights are read unless every token skips it, so the batch-8 bound is looser.
+    ``lm_head_share``: LM-head tokens per token (1 when decoding; 1/prompt for a prefill)."""
+    h, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    nq, nkv = config.num_attention_heads, config.num_key_value_heads
+    linear = h * nq * hd + 2 * h * nkv * hd + nq * hd * h + 3 * h * f
+    attn = 2 * nq * hd * context
+    head = h * config.vocab_size * lm_head_share
+    r = {int(k): v for k, v in routed_fraction.items()}
+    mod = head + sum(r[i] * linear + r[i] ** 2 * attn if i in r else linear + attn for i in range(layers))
+    return (layers * (linear + attn) + head) / mod
+
+
 def engine(model: str, kv_bytes: int, max_model_len: int, dtype: str, max_num_seqs: int = 64, eager: bool = False):
     """The same engine settings for every model; ``eager`` switches off torch.compile."""
     extra = {"enforce_eager": True, "compilation_config": {"mode": 0}} if eager else {}
@@ -168,7 +185,10 @@ def make_models(work: Path, routed_fraction: float, mod_dir: str | None, dtype: 
             model.to(getattr(torch, dtype)).save_pretrained(mod)
             tok.save_pretrained(mod)
         mod_dir = str(mod)
-    return {"dense": str(base), "dense-eager": str(base), "mod-all-in": str(all_in), "mod": mod_dir}
+    from .default_model import prepare_default_model
+
+    return {"dense": str(base), "dense-eager": str(base), "mod-all-in": str(all_in), "mod": mod_dir,
+            "default": str(prepare_default_model())}
 
 
 def run(args) -> dict:
@@ -177,11 +197,15 @@ def run(args) -> dict:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     models = make_models(work, args.routed_fraction, args.model, args.dtype)
+    models = {k: v for k, v in models.items() if k in args.models or k == "dense"}
     tok = AutoTokenizer.from_pretrained(models["dense"])
     longest = max(args.lengths)
     corpus = corpus_token_ids(tok, longest * max(args.batches) + longest)
     max_len = longest + args.decode_tokens + BLOCK_SIZE
-    results: dict = {"models": models, "args": vars(args), "timing": {}, "kv": {}, "concurrency": {}, "routing": {}}
+    import torch
+
+    results: dict = {"models": models, "args": vars(args), "timing": {}, "kv": {}, "concurrency": {}, "routing": {},
+                     "threads": torch.get_num_threads()}
     for name, path in models.items():
         _log(f"{name}: timing runs ({path})")
         eager = name == "dense-eager"
@@ -215,42 +239,63 @@ def report(results: dict, out_dir: Path) -> str:
     args = results["args"]
     timing = results["timing"]
     names = list(results["models"])
-    lines = ["## Latency (mean per request; ratio = dense / model, > 1 is faster than dense)", ""]
-    lines.append("| prompt | batch | model | TTFT s | TPOT ms | TTFT ratio | TPOT ratio |")
-    lines.append("|---:|---:|---|---:|---:|---:|---:|")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(results["models"]["dense"])
+    lines = ["## Latency (mean per request; ratio = dense / model, > 1 is faster than dense)", "",
+             f"{results.get('threads', '?')} OpenMP thread(s) per engine, as `mod-serve serve` runs its worker here. "
+             "`ideal`: dense MACs / MoD MACs at the measured routed fractions (zero routing overhead, compact "
+             "attention; `ideal_speedup`), `of ideal`: measured ratio / ideal ratio.", ""]
+    lines.append("| prompt | batch | model | TTFT s | TPOT ms | TTFT ratio | ideal | of ideal | TPOT ratio | ideal | of ideal |")
+    lines.append("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for length in args["lengths"]:
         for batch in args["batches"]:
             d = timing[f"dense|{length}|{batch}"]
             for name in names:
                 r = timing[f"{name}|{length}|{batch}"]
+                routed = results["routing"].get(name, {})
+                i_ttft = ideal_speedup(config, routed, length / 2, 1 / length)
+                i_tpot = ideal_speedup(config, routed, length + args["decode_tokens"] / 2)
+                ttft, tpot = d["ttft_s"] / r["ttft_s"], d["tpot_s"] / r["tpot_s"]
                 lines.append(
                     f"| {length} | {batch} | {name} | {r['ttft_s']:.3f} | {1000 * r['tpot_s']:.1f} | "
-                    f"{d['ttft_s'] / r['ttft_s']:.2f} | {d['tpot_s'] / r['tpot_s']:.2f} |"
+                    f"{ttft:.2f} | {i_ttft:.2f} | {ttft / i_ttft:.2f} | {tpot:.2f} | {i_tpot:.2f} | {tpot / i_tpot:.2f} |"
                 )
     lines += ["", "## KV memory", ""]
-    routing = results["routing"].get("mod", {})
-    num_layers = 30
-    mean_frac = statistics.mean(routing.values()) if routing else 1.0
-    ideal_ratio = (num_layers - len(routing) + sum(routing.values())) / num_layers if routing else 1.0
+    num_layers = config.num_hidden_layers
+
+    def kv_ideal(name: str) -> float:  # routed-fraction ideal: KV of the MoD model / dense
+        routing = results["routing"].get(name, {})
+        return (num_layers - len(routing) + sum(routing.values())) / num_layers
+
     lines.append("| prompt | model | KV bytes/token | ratio to dense | routed-fraction ideal | vs ideal |")
     lines.append("|---:|---|---:|---:|---:|---:|")
     for length in args["lengths"]:
         d = timing[f"dense|{length}|1"]["kv_bytes_per_token"]
         for name in names:
             kv = timing[f"{name}|{length}|1"]["kv_bytes_per_token"]
-            ideal = 1.0 if name != "mod" else ideal_ratio
-            lines.append(f"| {length} | {name} | {kv:.0f} | {kv / d:.3f} | {ideal:.3f} | {kv / d / ideal:.3f} |")
-    lines += ["", f"Routed fraction over all tokens the MoD engine saw (mean {mean_frac:.3f}):", ""]
-    lines.append("| layer | " + " | ".join(routing) + " |")
-    lines.append("|---|" + "---:|" * len(routing))
-    lines.append("| routed | " + " | ".join(f"{v:.2f}" for v in routing.values()) + " |")
+            lines.append(f"| {length} | {name} | {kv:.0f} | {kv / d:.3f} | {kv_ideal(name):.3f} | "
+                         f"{kv / d / kv_ideal(name):.3f} |")
+    for name in names:
+        routing = results["routing"].get(name)
+        if not routing:
+            continue
+        lines += ["", f"Routed fraction of `{name}` over all tokens its engine saw "
+                  f"(mean {statistics.mean(routing.values()):.3f}):", ""]
+        lines.append("| layer | " + " | ".join(routing) + " |")
+        lines.append("|---|" + "---:|" * len(routing))
+        lines.append("| routed | " + " | ".join(f"{v:.2f}" for v in routing.values()) + " |")
     lines += ["", f"## Concurrency under one KV budget ({args['budget_mib']} MiB, prompts of "
-              f"{args['concurrency_length']} tokens, {args['concurrency_requests']} submitted)", ""]
-    lines.append("| model | peak running requests | ratio to dense |")
-    lines.append("|---|---:|---:|")
+              f"{args['concurrency_length']} tokens, {args['concurrency_requests']} submitted)", "",
+              "`KV ratio allows`: dense KV bytes per token / the model's, measured at the longest prompt; "
+              "`of allowed`: the concurrency ratio / that.", ""]
+    lines.append("| model | peak running requests | ratio to dense | KV ratio allows | of allowed |")
+    lines.append("|---|---:|---:|---:|---:|")
+    longest = max(args["lengths"])
     for name in results["concurrency"]:
-        c = results["concurrency"][name]
-        lines.append(f"| {name} | {c} | {c / results['concurrency']['dense']:.2f} |")
+        c = results["concurrency"][name] / results["concurrency"]["dense"]
+        allows = timing[f"dense|{longest}|1"]["kv_bytes_per_token"] / timing[f"{name}|{longest}|1"]["kv_bytes_per_token"]
+        lines.append(f"| {name} | {results['concurrency'][name]} | {c:.2f} | {allows:.2f} | {c / allows:.2f} |")
     table = "\n".join(lines) + "\n"
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -263,6 +308,7 @@ def report(results: dict, out_dir: Path) -> str:
     axes[0].set(title="TTFT", xlabel="prompt tokens", ylabel="s")
     axes[1].set(title="TPOT", xlabel="prompt tokens", ylabel="ms")
     axes[0].legend(fontsize=7)
+    routing = results["routing"].get("mod", {})
     if routing:
         axes[2].bar(list(routing), list(routing.values()))
     axes[2].set(title="routed fraction per routed layer (mod)", xlabel="layer", ylim=(0, 1))
@@ -289,6 +335,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--concurrency-requests", type=int, default=48)
     p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "mod-serve" / "bench"))
     p.add_argument("--out", default="docs/bench", help="directory for bench.md, bench.png, bench.json")
+    p.add_argument("--models", default="dense,dense-eager,mod-all-in,mod,default",
+                   help="models to run (dense always runs: the ratios are against it)")
+    p.add_argument("--threads", type=int, default=1, help="OpenMP threads per engine (default 1: what a served "
+                   "vLLM worker gets on this 2-core machine, one core being reserved)")
     args = p.parse_args(argv)
     try:
         args.lengths = [int(x) for x in args.lengths.split(",")]
@@ -299,6 +349,10 @@ def main(argv: list[str]) -> int:
         p.error("--routed-fraction must be in (0, 1]")
     if 1 not in args.batches:
         p.error("--batches must include 1 (KV bytes per token are read from the batch-1 runs)")
+    args.models = args.models.split(",")
+    import torch
+
+    torch.set_num_threads(args.threads)  # before the engine's worker binds its threads
     results = run(args)
     print(report(results, Path(args.out)))
     return 0

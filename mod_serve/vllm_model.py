@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
@@ -28,7 +29,8 @@ from vllm.sequence import IntermediateTensors
 
 from .config import RoutingConfig
 from .modeling import force_sink, gated_update, router_probs
-from .vllm_internals import RoutingState, RoutingStep, make_attention_routed, routed_attention
+from .vllm_internals import RoutingState, make_attention_routed, routed_attention, shared_metadata_backend
+from .vllm_internals.routed_op import add_rms_norm, register_routed_layer, rms_norm, rotary, routed_layer, silu_and_mul
 
 
 def _routing(config) -> RoutingConfig:
@@ -41,26 +43,42 @@ def _routing(config) -> RoutingConfig:
 class MoDLlamaDecoderLayer(LlamaDecoderLayer):
     """A LLaMA decoder layer; routed layers also own a router and a compact KV cache."""
 
-    def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None) -> None:
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None, routing_state=None) -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, config=config)
         config = config or vllm_config.model_config.hf_config
         self.layer_index = extract_layer_index(prefix)
-        routed_layers = _routing(config).routed_layers
-        self.is_routed = self.layer_index in routed_layers
+        self.routing = _routing(config)
+        self.is_routed = self.layer_index in self.routing.routed_layers
         if self.is_routed:
-            self.routed_slot = routed_layers.index(self.layer_index)  # its row in RoutingStep's counts
-            # A plain Linear: the router is tiny, replicated, and must stay unpacked (float32 math).
-            self.router = nn.Linear(config.hidden_size, 1, bias=True)
+            self.routed_slot = self.routing.routed_layers.index(self.layer_index)  # its row in the step's counts
+            self.routing_state = routing_state
+            # A plain float32 Linear: the router is tiny, replicated, and its math is float32.
+            self.router = nn.Linear(config.hidden_size, 1, bias=True, dtype=torch.float32)
             make_attention_routed(self.self_attn.attn, self.layer_index)
+            self.op_name = register_routed_layer(self, prefix)
+        else:
+            attn = self.self_attn.attn
+            attn.attn_backend = shared_metadata_backend(attn.attn_backend)
 
-    def forward_routed(self, positions, h, step: RoutingStep, routing: RoutingConfig) -> torch.Tensor:
-        """Route the tokens of ``h`` (residual stream, [tokens, hidden]) through this layer:
-        the reference's float32 router and forced sink positions, then the layer on the routed
-        tokens only (attention over its compact KV cache) and the gated update."""
-        g, forced = force_sink(router_probs(self.router, h), positions, routing.sink_tokens)
-        idx = step.route((g >= step.p) | forced)
-        if idx.numel() == 0:
-            return h
+    def run_routed(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The routed layer on the residual stream ``h`` ([tokens, hidden]): the reference's
+        float32 router and forced sink positions, then the layer on the routed tokens only
+        (attention over its compact KV cache) and the gated update. Runs inside the opaque
+        ``mod_serve::routed_layer`` op; returns a new tensor."""
+        step = self.routing_state.step
+        if step is None:  # a profiling / warm-up run: nothing to route or cache
+            return h.clone()
+        g = router_probs(self.router, h)
+        if step.has_sink:  # else no token of this step is at a sink position: force_sink is a no-op
+            g, forced = force_sink(g, positions, self.routing.sink_tokens)
+            idx = step.route((g >= step.p) | forced)
+        else:
+            idx = step.route(g >= step.p)
+        n = idx.numel()
+        if n == 0:
+            return h.clone()
+        if n == h.shape[0]:  # every token routed in: no gather or scatter
+            return gated_update(h, self._layer(positions, h, step, idx), g)
         h_in = h[idx]
         out = self._layer(positions[idx], h_in, step, idx)
         return h.index_copy(0, idx, gated_update(h_in, out, g[idx]))
@@ -68,18 +86,24 @@ class MoDLlamaDecoderLayer(LlamaDecoderLayer):
     def _layer(self, positions, hidden_states, step, routed_idx) -> torch.Tensor:
         """layer(h) for the routed tokens only (un-fused residual form: returns the full output)."""
         attn = self.self_attn
-        x = self.input_layernorm(hidden_states)
+        x = rms_norm(self.input_layernorm, hidden_states)
         qkv, _ = attn.qkv_proj(x)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        q, k = attn.rotary_emb(positions, q, k)
+        q, k = rotary(attn.rotary_emb, positions, q, k)
         out = routed_attention(attn.attn, step, self.routed_slot, routed_idx, q, k, v)
         out, _ = attn.o_proj(out)
-        x, residual = self.post_attention_layernorm(out, hidden_states)
-        return self.mlp(x) + residual
+        x, residual = add_rms_norm(self.post_attention_layernorm, out, hidden_states.clone())
+        gate_up, _ = self.mlp.gate_up_proj(x)
+        down, _ = self.mlp.down_proj(silu_and_mul(self.mlp.act_fn, gate_up))
+        return down + residual
 
 
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": {0: "b"}, "positions": {0: "b"}, "intermediate_tensors": {0: "b"},
+                      "inputs_embeds": {0: "b"}}
+)
 class MoDLlamaModel(nn.Module):
-    """LlamaModel's loop with routing; eager (routing makes shapes data dependent)."""
+    """LlamaModel's loop, compiled like it; each routed layer is one opaque op in the graph."""
 
     hf_to_vllm_mapper = LlamaModel.hf_to_vllm_mapper
 
@@ -88,14 +112,15 @@ class MoDLlamaModel(nn.Module):
         config = vllm_config.model_config.hf_config
         self.config = config
         self.routing = _routing(config)
+        self.routing_state = RoutingState(self.routing.routed_layers, self.routing.threshold, self.routing.sink_tokens)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.start_layer, self.end_layer, self.layers = make_layers(
             config.num_hidden_layers,
-            lambda prefix: MoDLlamaDecoderLayer(vllm_config=vllm_config, prefix=prefix),
+            lambda prefix: MoDLlamaDecoderLayer(vllm_config=vllm_config, prefix=prefix,
+                                                routing_state=self.routing_state),
             prefix=f"{prefix}.layers",
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.routing_state = RoutingState(self.routing.routed_layers, self.routing.threshold)
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states", "residual"], config.hidden_size
         )
@@ -106,16 +131,13 @@ class MoDLlamaModel(nn.Module):
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         residual = None
-        step = self.routing_state.begin(hidden.shape[0], hidden.device)
         for layer in self.layers:
             if not layer.is_routed:
                 hidden, residual = layer(positions, hidden, residual)
                 continue
             hidden = hidden if residual is None else hidden + residual
             residual = None
-            if step is not None:  # else a profiling / warm-up run: nothing to route or cache
-                hidden = layer.forward_routed(positions, hidden, step, self.routing)
-        self.routing_state.end()
+            hidden = routed_layer(hidden, positions, layer.op_name)
         if residual is None:  # the last layer was routed: no pending residual
             return self.norm(hidden)
         hidden, _ = self.norm(hidden, residual)
@@ -137,4 +159,8 @@ class MoDLlamaForCausalLM(LlamaForCausalLM):
 
     def forward(self, input_ids, positions, intermediate_tensors: IntermediateTensors | None = None,
                 inputs_embeds=None):
-        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+        # Per-step routing bookkeeping stays outside the compiled graph.
+        self.routing_state.begin(positions.shape[0], positions.device)
+        out = self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+        self.routing_state.end()
+        return out

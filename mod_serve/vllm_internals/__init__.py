@@ -12,7 +12,11 @@ One module per vLLM seam:
 
 * ``kv``: the KV cache spec, its scheduler-side manager, the one-group-per-routed-layer check;
 * ``config_hook``: the ``MODELS_CONFIG_MAP`` entry that configures the engine for MoD checkpoints;
-* ``scheduler``: a ``Scheduler`` subclass that applies the worker's routed-token reports;
+* ``scheduler``: a ``Scheduler`` subclass that applies the worker's routed-token reports, runs
+  prefix caching for routed layers and reports each request's routing at its end;
+* ``prefix_cache``: the routed layers' prefix-cache index (tail entries at every block boundary,
+  copy-on-write of a partial tail), the threshold key in the block hashes, and the front-end
+  check of a request's ``mod_threshold``;
 * ``worker``: a worker subclass that binds the runner to the model, trims block tables and
   attaches the reports to the step output;
 * ``routing``: the worker-side per-request routed counts and per-step constants;
@@ -38,8 +42,9 @@ def check_vllm_version() -> None:
 
 check_vllm_version()
 
-from .attention import make_attention_routed, routed_attention, routed_backend  # noqa: E402
+from .attention import make_attention_routed, routed_attention, routed_backend, shared_metadata_backend  # noqa: E402
 from .config_hook import MoDConfigHook  # noqa: E402
+from .prefix_cache import RoutedPrefixIndex, ThresholdError, install_block_hash_key  # noqa: E402
 from .kv import RoutedAttentionSpec, RoutedKVManager, cdiv, register_kv_spec, routed_groups  # noqa: E402
 from .routing import RoutingState, RoutingStep, request_threshold  # noqa: E402
 from .scheduler import MoDScheduler  # noqa: E402
@@ -53,7 +58,7 @@ def register_config_hook(architecture: str) -> None:
 
 
 __all__ = [
-    "PINNED_VLLM", "MoDConfigHook", "MoDScheduler", "MoDWorker", "RoutedAttentionSpec", "RoutedKVManager",
+    "PINNED_VLLM", "MoDConfigHook", "RoutedPrefixIndex", "ThresholdError", "install_block_hash_key", "MoDScheduler", "MoDWorker", "RoutedAttentionSpec", "RoutedKVManager",
     "RoutingState", "RoutingStep", "request_threshold", "cdiv", "check_vllm_version", "make_attention_routed", "register_config_hook",
-    "register_kv_spec", "routed_attention", "routed_backend", "routed_groups",
+    "register_kv_spec", "routed_attention", "routed_backend", "routed_groups", "shared_metadata_backend",
 ]

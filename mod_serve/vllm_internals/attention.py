@@ -59,6 +59,31 @@ def routed_backend(backend_cls):
     return RoutedBackend
 
 
+@functools.cache
+def shared_metadata_backend(backend_cls):
+    """vLLM's CPU backend whose builder lets full-attention KV cache groups share one metadata build
+    (``update_block_table``, as FlashAttention's builder already does): a MoD model's unrouted
+    layers form one 1-layer group each, whose metadata differ only in block table and slots."""
+    base = backend_cls.get_builder_cls()
+    if base.supports_update_block_table or backend_cls.get_name() != "CPU_ATTN":
+        return backend_cls
+
+    class SharedMetadataBuilder(base):
+        supports_update_block_table = True
+
+        def update_block_table(self, metadata, blk_table, slot_mapping):
+            return dataclasses.replace(metadata, block_table=blk_table, slot_mapping=slot_mapping)
+
+    class SharedMetadataBackend(backend_cls):
+        @staticmethod
+        def get_builder_cls():
+            return SharedMetadataBuilder
+
+    SharedMetadataBuilder.__name__ = f"Shared{base.__name__}"
+    SharedMetadataBackend.__name__ = f"Shared{backend_cls.__name__}"
+    return SharedMetadataBackend
+
+
 def make_attention_routed(attn, layer_index: int) -> None:
     """Make a vLLM ``Attention`` module report a ``RoutedAttentionSpec`` and build its metadata
     per routed token set. It keeps its impl, cache binding and forward-context registration."""
@@ -87,13 +112,19 @@ def routed_attention(attn, step: RoutingStep, slot: int, routed_idx: torch.Tenso
     name = attn.layer_name
     step_md: RoutedStepMetadata = ctx.attn_metadata[name]
     num_reqs, device = step.num_reqs, q.device
-    rows = step.token_req[routed_idx]
-    new = torch.bincount(rows, minlength=num_reqs)
-    step.new[slot] = new
     prior = step.prior[slot]
-    ends = torch.cumsum(new, 0)
-    rank = torch.arange(routed_idx.numel(), device=device) - (ends - new)[rows]
-    compact = prior[rows] + rank
+    if step.is_decode:  # token i is request i's only token: its compact index is prior[i]
+        rows = routed_idx
+        new = torch.zeros_like(prior).index_fill_(0, routed_idx, 1)
+        compact = prior[rows]
+        ends = torch.cumsum(new, 0)
+    else:
+        rows = step.token_req[routed_idx]
+        new = torch.bincount(rows, minlength=num_reqs)
+        ends = torch.cumsum(new, 0)
+        rank = torch.arange(routed_idx.numel(), device=device) - (ends - new)[rows]
+        compact = prior[rows] + rank
+    step.new[slot] = new
     block_table = step_md.common.block_table_tensor[:num_reqs]
     block_size = step_md.builder.kv_cache_spec.block_size  # the kernel's block size
     slots = block_table[rows, compact // block_size].to(torch.int64) * block_size + compact % block_size
@@ -106,7 +137,7 @@ def routed_attention(attn, step: RoutingStep, slot: int, routed_idx: torch.Tenso
         num_reqs=num_reqs,
         num_actual_tokens=routed_idx.numel(),
         max_query_len=step.max_query_len,
-        max_seq_len=int(step.prior_host[slot].max()) + step.max_query_len,
+        max_seq_len=step.max_seq_len[slot],
         block_table_tensor=block_table,
         slot_mapping=slots,
         causal=True,
