@@ -47,6 +47,13 @@ class RoutingStep:
     tp_group: object | None  # set when routing decisions must be shared across TP ranks
     p: float | torch.Tensor  # routing threshold: one for the step, or per token when requests differ
     p_req: list[float]  # each request's threshold (row order)
+    has_sink: bool  # some token of this step sits at a forced sink position
+    is_decode: bool  # one token per request: token i belongs to request i
+    max_seq_len: list[int]  # per routed layer: a host-side upper bound of prior + new
+    # Prefix caching: block boundaries crossed in this step, (batch rows, N, token index of
+    # the boundary's last token), or None; then route() keeps each layer's routed indices.
+    crossings: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    routed_log: list = dataclasses.field(default_factory=list)
 
     @property
     def num_reqs(self) -> int:
@@ -61,12 +68,16 @@ class RoutingStep:
             routed = self.tp_group.broadcast(mask, src=0).bool()
         if routed.shape[0] > self.num_tokens:  # padding rows never route
             routed = routed[: self.num_tokens]
-        return routed.nonzero().squeeze(-1)
+        idx = routed.nonzero().squeeze(-1)
+        if self.crossings is not None:  # routed layers run in layer order
+            self.routed_log.append(idx)
+        return idx
 
 
 class RoutingState:
-    def __init__(self, routed_layers: Sequence[int], threshold: float):
+    def __init__(self, routed_layers: Sequence[int], threshold: float, sink_tokens: int = 0):
         self.routed_layers = list(routed_layers)
+        self.sink_tokens = sink_tokens
         self.threshold = threshold  # the checkpoint's p (or the server's --mod-threshold)
         self.p_of: dict[str, float] = {}  # req -> its own threshold
         self.slot = {layer: j for j, layer in enumerate(self.routed_layers)}
@@ -77,7 +88,12 @@ class RoutingState:
         self._trims: list[tuple[int, np.ndarray]] = []  # (rows, routed totals) of the last step
         self.totals_routed = np.zeros(len(self.routed_layers), dtype=np.int64)
         self.totals_tokens = 0
-        self._step: RoutingStep | None = None
+        self.step: RoutingStep | None = None  # the step being run, None outside a real step
+        # Prefix caching (set by the worker when it is on): block size of the hash boundaries
+        # at which routed counts are reported, and those reports ({req: [(N, {layer: r})]}).
+        self.boundary_block_size: int | None = None
+        self.pending_boundaries: dict[str, list[tuple[int, dict[int, int]]]] = {}
+        self._layer_order = [self.slot[layer] for layer in sorted(self.routed_layers)]
 
     def bind_runner(self, runner) -> None:
         self.runner = runner
@@ -89,6 +105,11 @@ class RoutingState:
                 f"mod-serve: routed layers {self.routed_layers} but KV cache groups for {sorted(groups)}"
             )
         self.group_of_layer = groups
+
+    def restore(self, restored: dict | None) -> None:
+        """Requests resumed from a prefix-cache hit: ``{req: (N, {layer: r_i(N)})}``."""
+        for req_id, (num_tokens, routed) in (restored or {}).items():
+            self.counts[req_id] = (num_tokens, np.array([routed[layer] for layer in self.routed_layers], dtype=np.int64))
 
     def forget(self, req_ids) -> None:
         for r in req_ids:
@@ -131,7 +152,7 @@ class RoutingState:
         token_req = torch.from_numpy(np.repeat(np.arange(num_reqs), lengths)).to(device)
         p_req = [self._threshold(runner, r) for r in req_ids]
         p = p_req[0] if len(set(p_req)) == 1 else torch.tensor(p_req, dtype=torch.float32, device=device)[token_req]
-        self._step = RoutingStep(
+        self.step = RoutingStep(
             req_ids=list(req_ids),
             num_tokens=int(qsl[-1]),
             max_query_len=int(lengths.max()),
@@ -143,8 +164,27 @@ class RoutingState:
             tp_group=tp if tp.world_size > 1 else None,
             p=p,
             p_req=p_req,
+            has_sink=bool((computed < self.sink_tokens).any()),
+            is_decode=int(qsl[-1]) == num_reqs,
+            max_seq_len=(prior.max(axis=1) + int(lengths.max())).tolist(),
+            crossings=self._crossings(computed, lengths, qsl),
         )
-        return self._step
+        return self.step
+
+    def _crossings(self, computed: np.ndarray, lengths: np.ndarray, qsl: np.ndarray):
+        """Block boundaries N = jB with computed < N <= computed + length, per batch row."""
+        B = self.boundary_block_size
+        if B is None:
+            return None
+        start = computed.astype(np.int64)
+        first, last = start // B + 1, (start + lengths) // B
+        n = np.maximum(last - first + 1, 0)
+        if not n.any():
+            return None
+        rows = np.repeat(np.arange(len(n)), n)
+        offsets = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        bounds = (first[rows] + offsets) * B
+        return rows, bounds, qsl[rows].astype(np.int64) + bounds - start[rows] - 1
 
     def _threshold(self, runner, req_id: str) -> float:
         p = self.p_of.get(req_id)
@@ -155,7 +195,7 @@ class RoutingState:
         return p
 
     def end(self) -> None:
-        step, self._step = self._step, None
+        step, self.step = self.step, None
         if step is None:
             return
         new = step.new.cpu().numpy()
@@ -164,9 +204,29 @@ class RoutingState:
         for row, req_id in enumerate(step.req_ids):
             self.counts[req_id] = (int(settled[row]), totals[:, row].copy())
             self.pending_report[req_id] = (int(settled[row]), dict(zip(self.routed_layers, totals[:, row].tolist())))
+        if step.crossings is not None:
+            self._report_boundaries(step)
         self._trims.append(totals)
         self.totals_routed += new.sum(1)
         self.totals_tokens += step.num_tokens
+
+    def _report_boundaries(self, step: RoutingStep) -> None:
+        """r_i(N) at each boundary the step crossed: prior count plus the layer's routed tokens
+        of the request up to the boundary's last token (indices are sorted)."""
+        rows, bounds, last_token = step.crossings
+        if len(step.routed_log) != len(self.routed_layers):
+            raise RuntimeError(f"mod-serve: {len(step.routed_log)} routed layers ran, expected {len(self.routed_layers)}")
+        device = step.routed_log[0].device
+        qsl = self.runner.query_start_loc.cpu[: step.num_reqs + 1].numpy()
+        upto = torch.from_numpy(last_token).to(device)
+        first = torch.from_numpy(qsl[rows].astype(np.int64)).to(device)
+        counts = torch.stack([torch.searchsorted(idx, upto, right=True) - torch.searchsorted(idx, first)
+                              for idx in step.routed_log]).cpu().numpy()
+        order = self._layer_order  # routed_log is in layer order
+        for c, (row, bound) in enumerate(zip(rows.tolist(), bounds.tolist())):
+            req_id = step.req_ids[row]
+            routed = {self.routed_layers[j]: int(step.prior_host[j, row] + counts[i, c]) for i, j in enumerate(order)}
+            self.pending_boundaries.setdefault(req_id, []).append((bound, routed))
 
     def trim_block_tables(self) -> None:
         """Shorten each request's block-table row of every routed layer to the blocks its routed

@@ -15,6 +15,19 @@ def _worker_base():
     return Worker
 
 
+def _lighten_block_tables(runner, routed_gids: set[int]) -> None:
+    """Per-step block-table work a MoD model does not need: a routed group's slot mapping (the
+    routed layer computes its compact slots itself), and, on the CPU, where a block table's
+    "device" buffer is its CPU buffer, the copy of every table onto itself."""
+    from vllm.v1.worker.block_table import SlotMappingMode
+
+    for gid, table in enumerate(runner.input_batch.block_table.block_tables):
+        if gid in routed_gids:
+            table.slot_mapping_mode = SlotMappingMode.NONE
+        if table.block_table.gpu is table.block_table.cpu:
+            table.commit_block_table = lambda num_reqs: None
+
+
 class MoDWorker(_worker_base()):
     def load_model(self, *args, **kwargs):
         out = super().load_model(*args, **kwargs)
@@ -28,11 +41,17 @@ class MoDWorker(_worker_base()):
         state = self._routing_state()
         if state is not None:
             state.bind_groups(kv_cache_config)  # raises unless each routed layer has its own group
+            _lighten_block_tables(self.model_runner, set(state.group_of_layer.values()))
+            if self.vllm_config.cache_config.enable_prefix_caching and state.group_of_layer:
+                # report r_i at every block boundary (prefix_cache registers the tail blocks)
+                gid = next(iter(state.group_of_layer.values()))
+                state.boundary_block_size = kv_cache_config.kv_cache_groups[gid].kv_cache_spec.block_size
 
     def execute_model(self, scheduler_output):
         state = self._routing_state()
         if state is not None:
             state.forget(scheduler_output.finished_req_ids)
+            state.restore(getattr(scheduler_output, "mod_restored", None))  # prefix-cache hits
         output = super().execute_model(scheduler_output)
         if state is not None:
             state.trim_block_tables()
@@ -48,6 +67,7 @@ class MoDWorker(_worker_base()):
         state = self._routing_state()
         if output is not None and state is not None and state.pending_report:
             output.mod_routed, state.pending_report = state.pending_report, {}
+            output.mod_boundaries, state.pending_boundaries = state.pending_boundaries, {}
         return output
 
     def mod_kv_stats(self) -> dict:
