@@ -16,4 +16,5 @@ def register() -> None:
         ModelRegistry.register_model(ARCHITECTURE, "mod_serve.vllm_model:MoDLlamaForCausalLM")
     vllm_internals.register_kv_spec()
     vllm_internals.register_config_hook(ARCHITECTURE)
+    vllm_internals.install_block_hash_key()  # a request's own threshold p keys its prefix-cache blocks
     del mod_serve

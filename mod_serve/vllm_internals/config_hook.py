@@ -29,13 +29,15 @@ class MoDConfigHook(VerifyAndUpdateConfig):
         from vllm.platforms import current_platform
 
         cache, sched, par = vllm_config.cache_config, vllm_config.scheduler_config, vllm_config.parallel_config
-        if cache.enable_prefix_caching:
-            logger.warning(
-                "mod-serve: prefix caching is switched off for MoD models: a routed layer's cached "
-                "blocks are indexed by routed-token count, not by token position, so block hashes "
-                "of the prompt prefix do not identify them"
-            )
-            cache.enable_prefix_caching = False
+        # Prefix caching stays as vLLM sets it (on by default): routed layers are cached by
+        # mod_serve.vllm_internals.prefix_cache (tail entries registered after each step).
+        if vllm_config.kv_transfer_config is not None:
+            raise ValueError("mod-serve: KV connectors are not supported for MoD models (routed layers' compact KV)")
+        # Per-request thresholds (SamplingParams.extra_args["mod_threshold"]) are checked in the
+        # front end, per request (prefix_cache.install_request_check).
+        from .prefix_cache import install_request_check
+
+        install_request_check()
         if sched.disable_hybrid_kv_cache_manager:
             raise ValueError("MoD models need the hybrid KV cache manager (one group per routed layer)")
         if not cache.user_specified_block_size:
