@@ -38,6 +38,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Names
     p.add_argument("--dtype", default="auto", help="weights/activations dtype (default: the checkpoint's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences batched at once (default 64)")
     p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="split the model over N workers (vLLM's multiprocess executor); on a machine with one NUMA "
+        "node give each its cores, e.g. VLLM_CPU_OMP_THREADS_BIND='0|1' for N=2",
+    )
+    p.add_argument(
         "--max-waiting",
         type=int,
         help="backpressure: at most N requests wait beyond the --max-num-seqs running ones; past that a "
@@ -97,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--mod-threshold must be >= 0 (got {args.mod_threshold})")
     if args.max_waiting is not None and args.max_waiting < 0:
         p.error("--max-waiting must be >= 0")
+    if args.tensor_parallel_size < 1:
+        p.error("--tensor-parallel-size must be >= 1")
     if not args.drain_timeout >= 0:  # also refuses nan
         p.error("--drain-timeout must be >= 0")
 
@@ -197,6 +206,7 @@ def _serve(args: argparse.Namespace, path: Path, overrides: dict | None) -> int:
         max_model_len=args.max_model_len,
         kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30),
         max_num_seqs=args.max_num_seqs,
+        tensor_parallel_size=args.tensor_parallel_size,
         enforce_eager=eager,
         hf_overrides=overrides or {},
         # vLLM's admission check counts waiting + running requests (n > 1 counts n) and raises

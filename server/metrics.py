@@ -37,10 +37,12 @@ async def mod_kv_stats(engine) -> dict | None:
     except Exception as e:  # plugin without the method, engine busy or dead
         log.debug("mod_kv_stats unavailable: %s", e)
         return None
-    return stats[0] if stats else None
+    return {**stats[0], "ranks": stats} if stats else None
 
 
 def mod_gauges(stats: dict) -> bytes:
+    """Unlabelled gauges: TP rank 0 (what the scheduler accounts); with several ranks also each
+    rank's own block counts (every rank trims its own block tables from the same routing)."""
     reg = CollectorRegistry()
     frac = Gauge("mod_routed_fraction", "fraction of tokens routed into each MoD layer", ["layer"], registry=reg)
     for layer, value in sorted(stats.get("routed_fraction", {}).items(), key=lambda kv: int(kv[0])):
@@ -48,6 +50,13 @@ def mod_gauges(stats: dict) -> bytes:
     for name, help_ in BLOCK_GAUGES.items():
         if name in stats:
             Gauge(f"mod_{name}", help_, registry=reg).set(stats[name])
+    ranks = stats.get("ranks", [])
+    if len(ranks) > 1:
+        for name in ("routed_kv_blocks", "free_kv_blocks"):
+            g = Gauge(f"mod_rank_{name}", f"per worker rank: {BLOCK_GAUGES[name]}", ["tp_rank", "pp_rank"], registry=reg)
+            for r in ranks:
+                if name in r:
+                    g.labels(tp_rank=str(r.get("tp_rank", 0)), pp_rank=str(r.get("pp_rank", 0))).set(r[name])
     return generate_latest(reg)
 
 

@@ -39,6 +39,7 @@ def test_help_lists_options(capsys):
         (["--port", "70000"], "--port"),
         (["--max-model-len", "0"], "--max-model-len"),
         (["--max-waiting", "-1"], "--max-waiting must be >= 0"),
+        (["--tensor-parallel-size", "0"], "--tensor-parallel-size must be >= 1"),
         (["--drain-timeout", "-1"], "--drain-timeout must be >= 0"),
         (["--drain-timeout", "nan"], "--drain-timeout must be >= 0"),
     ],

@@ -13,13 +13,14 @@ import torch
 
 from mod_serve.convert import parse_routed_layers
 from tests.conftest import tiny_mod
-from tests.vllm_helpers import free_blocks, greedy, inproc_llm, reference_generate, scheduler, token_ids, worker
+from tests.vllm_helpers import COMPILED, free_blocks, greedy, inproc_llm, reference_generate, scheduler, token_ids, worker
 
 pytestmark = pytest.mark.slow
 
 SMALL = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=512, max_position_embeddings=1024, num_hidden_layers=6)
 MAX_TOKENS = 8
+COMPILED_LAYOUTS = ("all", "every-other")  # also through vLLM's compiled graph (the others eager)
 LAYOUTS = {"all": "all", "none": "none", "first": "0", "last": "5", "range": "2-4", "every-other": "every-other",
            "list": "0,2,5"}
 
@@ -53,7 +54,7 @@ def test_every_routed_layer_set_serves_like_the_reference(layout, tmp_path):
     model_dir = small_mod_dir(tmp_path, routed)
     prompts = random_prompts()
     want, want_routed = reference_generate(model_dir, prompts, MAX_TOKENS)
-    got, stats, groups, bound = run_engine(model_dir, prompts)
+    got, stats, groups, bound = run_engine(model_dir, prompts, **(COMPILED if layout in COMPILED_LAYOUTS else {}))
     assert got == want
     assert {int(k): v for k, v in stats["routed_tokens"].items()} == want_routed
     # one KV cache group of exactly one layer per routed layer

@@ -24,7 +24,7 @@ def tp_llm(model_dir, tp: int):
 
     llm = LLM(model=str(model_dir), tensor_parallel_size=tp, distributed_executor_backend="mp", dtype="float32",
               skip_tokenizer_init=True, max_model_len=512, block_size=32, kv_cache_memory_bytes=64 << 20, seed=0,
-              max_num_seqs=32)
+              max_num_seqs=32, enforce_eager=True)  # compiling on both ranks costs minutes here
     try:
         yield llm
     finally:

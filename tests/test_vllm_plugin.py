@@ -13,6 +13,7 @@ from mod_serve.vllm_internals import cdiv
 from tests.conftest import EMPTY_LAYER
 from tests.vllm_helpers import (
     BLOCK_SIZE,
+    COMPILED,
     free_blocks,
     greedy,
     inproc_llm,
@@ -45,7 +46,7 @@ def _tokens_prompts(prompts):
 
 def test_batch_matches_reference_tokens_and_routed_counts(half_skip_model_dir, prompts, reference):
     want, want_routed = reference
-    with inproc_llm(str(half_skip_model_dir)) as llm:
+    with inproc_llm(str(half_skip_model_dir), **COMPILED) as llm:
         pool = free_blocks(llm)
         got = token_ids(llm.generate(_tokens_prompts(prompts), greedy(MAX_TOKENS)))
         stats = llm.collective_rpc("mod_kv_stats")[0]
@@ -131,9 +132,9 @@ def test_sink_tokens_routed_in_like_the_reference(sink_model_dir, prompts):
 
 
 def test_all_routed_in_equals_vllm_llama(all_in_model_dir, dense_f32_dir, prompts):
-    with inproc_llm(str(dense_f32_dir)) as llm:
+    with inproc_llm(str(dense_f32_dir), **COMPILED) as llm:
         want = token_ids(llm.generate(_tokens_prompts(prompts), greedy(MAX_TOKENS)))
-    with inproc_llm(str(all_in_model_dir)) as llm:
+    with inproc_llm(str(all_in_model_dir), **COMPILED) as llm:
         got = token_ids(llm.generate(_tokens_prompts(prompts), greedy(MAX_TOKENS)))
         stats = llm.collective_rpc("mod_kv_stats")[0]
     assert got == want
@@ -178,7 +179,7 @@ def test_default_model_routes_identically_in_reference_and_vllm(default_model_di
     """The shipped default: trained routers and the merged adapter, as `mod-serve serve` loads it."""
     subset = prompts[:8]
     want, want_routed = reference_generate(default_model_dir, subset, MAX_TOKENS)
-    with inproc_llm(str(default_model_dir)) as llm:
+    with inproc_llm(str(default_model_dir), **COMPILED) as llm:
         got = token_ids(llm.generate(_tokens_prompts(subset), greedy(MAX_TOKENS)))
         stats = llm.collective_rpc("mod_kv_stats")[0]
     assert got == want

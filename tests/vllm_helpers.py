@@ -11,6 +11,7 @@ from mod_serve.inproc import scheduler, worker  # noqa: F401  (re-exported for t
 from mod_serve.vllm_internals import RoutedKVManager
 
 BLOCK_SIZE = 32
+COMPILED = {"enforce_eager": False}  # vLLM's default: the MoD model compiled like its Llama
 
 PROMPT_TEXTS = [
     "The capital of France is",
@@ -36,8 +37,13 @@ def mixed_prompts(tokenizer, n: int = 16) -> list[list[int]]:
 
 @contextlib.contextmanager
 def inproc_llm(model: str, **kwargs):
-    """The in-process engine with the tests' defaults: float32, block size 32, 256 MiB of KV."""
+    """The in-process engine with the tests' defaults: float32, block size 32, 256 MiB of KV, eager.
+
+    Eager by default: torch.compile costs 20-80 s per engine start here, and the routed layers run
+    the same code either way (one custom op, called directly when eager). Tests of the compiled
+    path pass ``enforce_eager=False`` (``COMPILED``)."""
     args = dict(
+        enforce_eager=True,
         dtype="float32",
         max_model_len=1024,
         block_size=BLOCK_SIZE,
