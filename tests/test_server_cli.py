@@ -198,7 +198,7 @@ def _read_stream(base: str, body: dict, first: threading.Event, result: dict) ->
 @pytest.mark.slow
 @needs_plugin
 def test_sigterm_drains_then_exits(default_server, default_model_name):
-    """Runs last in this module. SIGTERM with two streams in flight: new requests and /health get
+    """Runs last in this module. SIGTERM with two streams in flight (24 and 1500 tokens): new requests and /health get
     503 at once, the short stream finishes inside --drain-timeout, the long one keeps streaming
     until the timeout and is then cut with an error event and [DONE]; the server exits 0 and
     leaves no process."""
@@ -206,7 +206,7 @@ def test_sigterm_drains_then_exits(default_server, default_model_name):
     short, long = {}, {}
     short_first, long_first = threading.Event(), threading.Event()
     threads = [
-        threading.Thread(target=_read_stream, args=(srv.base, _long_body(model, 16), short_first, short)),
+        threading.Thread(target=_read_stream, args=(srv.base, _long_body(model, 24), short_first, short)),
         threading.Thread(target=_read_stream, args=(srv.base, _long_body(model, 1500), long_first, long)),
     ]
     for t in threads:
@@ -236,7 +236,7 @@ def test_sigterm_drains_then_exits(default_server, default_model_name):
     # the short stream ended normally, inside the drain
     events = [e for _, e in short["events"]]
     assert short["status"] == 200 and "error" not in short and events[-1] == "[DONE]", events[-3:]
-    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"  # all its 16 tokens
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"  # all its 24 tokens
     assert "shutting down" not in "".join(events)
     short_done = short["events"][-1][0]
     # the long one went on streaming after the short one finished, then was cut and told why

@@ -206,13 +206,14 @@ def test_drain_finishes_short_streams_and_aborts_the_rest():
     def wait_json():
         results["json"] = httpx.post(f"{srv.base}/v1/slow-json", timeout=30)
 
-    with ThreadServer(tiny.app, drain_timeout=1.5) as srv:
+    with ThreadServer(tiny.app, drain_timeout=3) as srv:  # the short stream takes ~0.4 s
         threads = [threading.Thread(target=read, args=a) for a in (("short", 8), ("long", 1000))]
         threads.append(threading.Thread(target=wait_json))
         for t in threads:
             t.start()
         deadline = time.time() + 10
-        while len(tiny.serving.inflight) < 3 and time.time() < deadline:
+        while len(tiny.serving.inflight) < 3:
+            assert time.time() < deadline, tiny.serving.inflight
             time.sleep(0.02)
         srv.server.handle_exit(signal.SIGTERM, None)
         time.sleep(0.1)
