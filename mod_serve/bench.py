@@ -328,7 +328,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--lengths", default="512,2048,4096", help="prompt lengths, comma separated")
     p.add_argument("--batches", default="1,8", help="batch sizes, comma separated")
     p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 where the CPU has "
+                   "AVX-512 BF16, else float32 (without it vLLM's bf16 GEMMs fall back from oneDNN to slow PyTorch)")
     p.add_argument("--kv-gib", type=int, default=4, help="KV cache for the timing runs (GiB)")
     p.add_argument("--budget-mib", type=int, default=256, help="KV budget for the concurrency run (MiB)")
     p.add_argument("--concurrency-length", type=int, default=1024)
@@ -350,6 +351,10 @@ def main(argv: list[str]) -> int:
     if 1 not in args.batches:
         p.error("--batches must include 1 (KV bytes per token are read from the batch-1 runs)")
     args.models = args.models.split(",")
+    if args.dtype is None:
+        import torch
+
+        args.dtype = "bfloat16" if torch.cpu._is_avx512_bf16_supported() else "float32"
     import torch
 
     torch.set_num_threads(args.threads)  # before the engine's worker binds its threads

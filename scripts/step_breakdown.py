@@ -30,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-TIMERS: dict[str, list[float]] = collections.defaultdict(list)
+DTYPE = os.environ.get("DTYPE", "float32")  # bf16 GEMMs fall back from oneDNN without AVX-512 BF16
+BATCHES = [int(b) for b in os.environ.get("BATCHES", "1,8").split(",")]
 ACC: dict[str, float] = collections.defaultdict(float)
 
 
@@ -80,7 +81,7 @@ def measure(model: str, batch: int, length: int = 512, steps: int = 24) -> dict[
     tok = AutoTokenizer.from_pretrained(model)
     corpus = bench.corpus_token_ids(tok, length * batch + length)
     out: dict[str, list[float]] = collections.defaultdict(list)
-    with bench.engine(model, 2 << 30, length + 64, "bfloat16") as llm:
+    with bench.engine(model, 2 << 30, length + 64, DTYPE) as llm:
         eng = llm.llm_engine
         for rep in range(2):
             for i, p in enumerate(bench.prompts_of(corpus, length, batch)):
@@ -118,7 +119,7 @@ def main() -> None:
             "attention", "router", "routed attention call", "LM head", "rest of step"]
     rows = []
     for model in models:
-        for batch in (1, 8):
+        for batch in BATCHES:
             med = measure(model, batch)
             rows.append((Path(model).name, batch, med))
             print(f"{Path(model).name} b{batch}: " + ", ".join(f"{k} {med.get(k, 0):.0f}" for k in keys), flush=True)

@@ -9,9 +9,10 @@ A routed layer's ``Attention`` keeps its backend impl and KV cache; only two thi
   ``CommonAttentionMetadata`` (its tokens only, over its compact per-request sequence) and
   hands it to the same builder's real ``build()``.
 
-Then vLLM's own ``Attention.forward`` runs with that metadata and slot mapping swapped into the
-forward context: cache write and kernel are the backend's (CPU_ATTN on CPU, FlashAttention on
-CUDA), so nothing here depends on a backend's metadata type or KV cache layout.
+Then the layer's backend impl runs with that metadata, as ``Attention.forward`` would run it: its
+cache write (``do_kv_cache_update``, unless the backend's kernel writes the cache itself) and its
+kernel (``impl.forward``), on the layer's own KV cache (CPU_ATTN on CPU, FlashAttention on CUDA),
+so nothing here depends on a backend's metadata type or KV cache layout.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import numpy as np
 import torch
 from vllm.forward_context import get_forward_context
 from vllm.v1.attention.backend import CommonAttentionMetadata
@@ -93,6 +95,8 @@ def make_attention_routed(attn, layer_index: int) -> None:
         fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(AttentionSpec) if f.init}
         return RoutedAttentionSpec(**fields, layer_index=layer_index)
 
+    if attn.query_quant is not None or attn.kv_sharing_target_layer_name is not None:
+        raise NotImplementedError("mod-serve: routed layers support neither fp8 query quantisation nor KV sharing")
     attn.get_kv_cache_spec = get_kv_cache_spec
     attn.routed_layer_index = layer_index
     attn.attn_backend = routed_backend(attn.attn_backend)
@@ -111,7 +115,41 @@ def routed_attention(attn, step: RoutingStep, slot: int, routed_idx: torch.Tenso
     ctx = get_forward_context()
     name = attn.layer_name
     step_md: RoutedStepMetadata = ctx.attn_metadata[name]
-    num_reqs, device = step.num_reqs, q.device
+    block_table = step_md.common.block_table_tensor[: step.num_reqs]
+    block_size = step_md.builder.kv_cache_spec.block_size  # the kernel's block size
+    compact = _compact_host if q.device.type == "cpu" else _compact_device
+    slots, seq_lens, qsl = compact(step, slot, routed_idx, block_table, block_size)
+    compact_cm = CommonAttentionMetadata(
+        query_start_loc=qsl,
+        query_start_loc_cpu=qsl if qsl.device.type == "cpu" else qsl.to("cpu", non_blocking=True),
+        seq_lens=seq_lens,
+        num_reqs=step.num_reqs,
+        num_actual_tokens=routed_idx.numel(),
+        max_query_len=step.max_query_len,
+        max_seq_len=step.max_seq_len[slot],
+        block_table_tensor=block_table,
+        slot_mapping=slots,
+        causal=True,
+    )
+    metadata = step_md.builder.build_compact(compact_cm)
+    # What Attention.forward does (shape views, the backend's cache write unless its kernel writes
+    # the cache itself, the backend's kernel), minus its custom-op dispatch and forward-context
+    # lookups (~100 us per call here); make_attention_routed checked that no query quantisation
+    # or KV sharing is in play.
+    impl, n = attn.impl, routed_idx.numel()
+    q = q.view(n, attn.num_heads, attn.head_size)
+    k = k.view(n, attn.num_kv_heads, attn.head_size)
+    v = v.view(n, attn.num_kv_heads, attn.head_size_v)
+    if not attn.attn_backend.forward_includes_kv_cache_update:
+        impl.do_kv_cache_update(attn, k, v, attn.kv_cache, slots)
+    out = torch.empty(n, attn.num_heads, attn.head_size_v, dtype=q.dtype, device=q.device)
+    impl.forward(attn, q, k, v, attn.kv_cache, metadata, output=out)
+    return out.view(n, attn.num_heads * attn.head_size_v)
+
+
+def _compact_device(step: RoutingStep, slot: int, routed_idx, block_table, block_size: int):
+    """(slots, seq_lens, query_start_loc) of the routed tokens, computed on the model's device."""
+    num_reqs, device = step.num_reqs, routed_idx.device
     prior = step.prior[slot]
     if step.is_decode:  # token i is request i's only token: its compact index is prior[i]
         rows = routed_idx
@@ -125,27 +163,28 @@ def routed_attention(attn, step: RoutingStep, slot: int, routed_idx: torch.Tenso
         rank = torch.arange(routed_idx.numel(), device=device) - (ends - new)[rows]
         compact = prior[rows] + rank
     step.new[slot] = new
-    block_table = step_md.common.block_table_tensor[:num_reqs]
-    block_size = step_md.builder.kv_cache_spec.block_size  # the kernel's block size
     slots = block_table[rows, compact // block_size].to(torch.int64) * block_size + compact % block_size
     qsl = torch.zeros(num_reqs + 1, dtype=torch.int32, device=device)
     qsl[1:] = ends
-    compact_cm = CommonAttentionMetadata(
-        query_start_loc=qsl,
-        query_start_loc_cpu=qsl if device.type == "cpu" else qsl.to("cpu", non_blocking=True),
-        seq_lens=(prior + new).to(torch.int32),
-        num_reqs=num_reqs,
-        num_actual_tokens=routed_idx.numel(),
-        max_query_len=step.max_query_len,
-        max_seq_len=step.max_seq_len[slot],
-        block_table_tensor=block_table,
-        slot_mapping=slots,
-        causal=True,
-    )
-    metadata = step_md.builder.build_compact(compact_cm)
-    saved = ctx.attn_metadata[name], ctx.slot_mapping.get(name)
-    ctx.attn_metadata[name], ctx.slot_mapping[name] = metadata, slots
-    try:
-        return attn(q, k, v)
-    finally:
-        ctx.attn_metadata[name], ctx.slot_mapping[name] = saved
+    return slots, (prior + new).to(torch.int32), qsl
+
+
+def _compact_host(step: RoutingStep, slot: int, routed_idx, block_table, block_size: int):
+    """The same in numpy on the CPU (the tensors share memory with the arrays): a handful of
+    array operations instead of a dozen small torch ops per routed layer and step."""
+    idx = routed_idx.numpy()
+    prior = step.prior_host[slot]
+    new = step.new.numpy()[slot]  # this layer's row, filled in place
+    if step.is_decode:
+        rows = idx
+        new[rows] = 1
+        compact = prior[rows]
+    else:
+        rows = step.token_req_host[idx]
+        new[:] = np.bincount(rows, minlength=step.num_reqs)
+        starts = np.cumsum(new) - new
+        compact = prior[rows] + np.arange(idx.size) - starts[rows]
+    slots = block_table.numpy()[rows, compact // block_size].astype(np.int64) * block_size + compact % block_size
+    qsl = np.zeros(step.num_reqs + 1, dtype=np.int32)
+    np.cumsum(new, out=qsl[1:])
+    return torch.from_numpy(slots), torch.from_numpy((prior + new).astype(np.int32)), torch.from_numpy(qsl)

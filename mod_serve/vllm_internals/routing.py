@@ -41,6 +41,7 @@ class RoutingStep:
     max_query_len: int  # host-side: longest query of the step
     settled: np.ndarray  # [num_reqs] tokens of each request computed once this step ends
     token_req: torch.Tensor  # [num_tokens] batch row of each scheduled token (model device)
+    token_req_host: np.ndarray  # the same on the host
     prior_host: np.ndarray  # [num_routed_layers, num_reqs] routed tokens before this step
     prior: torch.Tensor  # the same on the model device
     new: torch.Tensor  # [num_routed_layers, num_reqs] routed tokens in this step (model device)
@@ -149,7 +150,10 @@ class RoutingState:
         lengths = np.diff(qsl)
         tp = get_tp_group()
         prior_dev = torch.from_numpy(prior).to(device)
-        token_req = torch.from_numpy(np.repeat(np.arange(num_reqs), lengths)).to(device)
+        token_req_host = np.repeat(np.arange(num_reqs), lengths)
+        token_req = torch.from_numpy(token_req_host).to(device)
+        # On the CPU, ``new`` shares memory with a numpy array the routed layers fill on the host.
+        new = torch.from_numpy(np.zeros_like(prior)) if device.type == "cpu" else torch.zeros_like(prior_dev)
         p_req = [self._threshold(runner, r) for r in req_ids]
         p = p_req[0] if len(set(p_req)) == 1 else torch.tensor(p_req, dtype=torch.float32, device=device)[token_req]
         self.step = RoutingStep(
@@ -158,9 +162,10 @@ class RoutingState:
             max_query_len=int(lengths.max()),
             settled=computed.astype(np.int64) + lengths,
             token_req=token_req,
+            token_req_host=token_req_host,
             prior_host=prior,
             prior=prior_dev,
-            new=torch.zeros_like(prior_dev),
+            new=new,
             tp_group=tp if tp.world_size > 1 else None,
             p=p,
             p_req=p_req,
