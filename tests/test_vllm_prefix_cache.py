@@ -328,6 +328,33 @@ def test_preemption_and_chunked_prefill_with_caching_on(model_dir, reference):
     check_against_reference(reference, prompts, outs, 64)
 
 
+
+def test_tensor_parallel_2_hits_and_resumes_on_both_ranks(model_dir, reference, monkeypatch):
+    """vLLM's multiprocess executor: the hit's restored counts reach both ranks (the scheduler
+    output is broadcast), the engine core runs in its own process."""
+    import gc
+
+    from vllm import LLM
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    system = rand_tokens(120, seed=15)
+    prompts = [system + rand_tokens(n, seed=70 + n) for n in (3, 30)]
+    llm = LLM(model=str(model_dir), tensor_parallel_size=2, distributed_executor_backend="mp", dtype="float32",
+              skip_tokenizer_init=True, max_model_len=512, block_size=B, kv_cache_memory_bytes=64 << 20, seed=0,
+              enforce_eager=True)
+    try:
+        first = run(llm, prompts[:1])
+        second = run(llm, prompts[1:] + prompts[:1])
+        stats = llm.collective_rpc("mod_kv_stats")
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    assert first[0].num_cached_tokens == 0
+    assert [o.num_cached_tokens for o in second] == [96, expected_hit(len(prompts[0]))]
+    check_against_reference(reference, prompts[:1] + prompts[1:] + prompts[:1], first + second, 8)
+    assert stats[0]["routed_tokens"] == stats[1]["routed_tokens"]  # both ranks routed alike
+
 # ---- the index alone (no engine) --------------------------------------------------------------
 def test_index_never_uses_a_block_handed_out_again():
     """Entries on vLLM's real block pool: a chain is valid only while none of its blocks has been
