@@ -48,6 +48,7 @@ from vllm.renderers.online_renderer import OnlineRenderer
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from .metrics import HttpCounters, render_metrics
+from .routing_report import RoutingReport, move_threshold
 
 log = logging.getLogger("mod_serve.http")
 
@@ -391,8 +392,12 @@ MAX_N = 128  # OpenAI's limit; also keeps one request from occupying the engine 
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range; vLLM itself takes any float, NaN and inf included
 
 
-def _check_request(request: ChatCompletionRequest | CompletionRequest) -> None:
-    """Our checks on top of vLLM's."""
+def _check_request(request: ChatCompletionRequest | CompletionRequest, is_mod: bool) -> None:
+    """Our checks on top of vLLM's (and the per-request threshold handed to the engine)."""
+    try:
+        move_threshold(request, is_mod)
+    except ValueError as e:
+        raise APIError(400, str(e), param="mod_threshold") from None
     if request.n is not None and request.n > MAX_N:
         raise APIError(400, f"n must be at most {MAX_N}, got {request.n}", param="n")
     for token, bias in (request.logit_bias or {}).items():
@@ -404,7 +409,7 @@ def _check_request(request: ChatCompletionRequest | CompletionRequest) -> None:
             )
 
 
-async def _respond(result, stream: bool):
+async def _respond(result, stream: bool, report: RoutingReport | None = None):
     """Turn what a vLLM serving call returned into a response.
 
     A stream is peeked at before the 200 goes out, so that an error found when the engine
@@ -413,7 +418,8 @@ async def _respond(result, stream: bool):
     if isinstance(result, ErrorResponse):
         return from_vllm(result)
     if not stream:
-        return JSONResponse(result.model_dump())
+        body = result.model_dump()
+        return JSONResponse(report.attach(body) if report is not None else body)
     try:
         first = await anext(result)
     except StopAsyncIteration:
@@ -426,7 +432,7 @@ async def _respond(result, stream: bool):
     async def chunks():
         yield first
         async for chunk in result:  # a disconnect (or the drain's abort) cancels this, which aborts the engine request
-            yield chunk
+            yield report.attach_chunk(chunk) if report is not None else chunk
 
     return StreamingResponse(chunks(), media_type="text/event-stream")
 
@@ -459,6 +465,7 @@ def build_app(engine_args: AsyncEngineArgs, served_model_name: str, api_key: str
             app.state.completion = OpenAIServingCompletion(
                 engine, models, online_renderer=renderer, request_logger=None
             )
+            app.state.routing_report = RoutingReport(engine)
             quiet_vllm_client_errors()
             yield
         finally:
@@ -480,6 +487,7 @@ def build_app(engine_args: AsyncEngineArgs, served_model_name: str, api_key: str
     @app.get("/metrics")
     async def metrics(request: Request):
         body, content_type = await render_metrics(request.app.state.engine, serving.counters)
+        body += request.app.state.routing_report.render()
         return Response(body, media_type=content_type)
 
     @app.get("/v1/models", dependencies=auth)
@@ -489,15 +497,15 @@ def build_app(engine_args: AsyncEngineArgs, served_model_name: str, api_key: str
     @app.post("/v1/chat/completions", dependencies=auth)
     @with_cancellation  # a client gone before a non-streamed answer cancels it (and aborts)
     async def chat_completions(request: ChatRequest, raw_request: Request):
-        _check_request(request)
+        _check_request(request, raw_request.app.state.routing_report.enabled)
         result = await raw_request.app.state.chat.create_chat_completion(request, raw_request)
-        return await _respond(result, bool(request.stream))
+        return await _respond(result, bool(request.stream), raw_request.app.state.routing_report)
 
     @app.post("/v1/completions", dependencies=auth)
     @with_cancellation
     async def completions(request: CompletionsRequest, raw_request: Request):
-        _check_request(request)
+        _check_request(request, raw_request.app.state.routing_report.enabled)
         result = await raw_request.app.state.completion.create_completion(request, raw_request)
-        return await _respond(result, bool(request.stream))
+        return await _respond(result, bool(request.stream), raw_request.app.state.routing_report)
 
     return app

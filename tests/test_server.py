@@ -421,3 +421,42 @@ def test_server_survives_the_errors(server, client, model):
     assert r.usage.completion_tokens >= 1
     m = wait_idle(server.base)
     assert m["vllm:kv_cache_usage_perc"] == 0
+
+
+# ---- per-request depth budget and routing report (issue 11) ----------------------------------
+def test_request_threshold_and_usage_report(server, client, model):
+    """``extra_body={"mod_threshold": p}`` routes that request at p; every response's usage says
+    how it was routed and what KV it held, streamed (final usage chunk) or not."""
+    if not plugin_available():
+        pytest.skip("dense model: no routing report")
+    reports = {}
+    for p in (None, 0.3, 0.9):
+        extra = {} if p is None else {"mod_threshold": p}
+        r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=16,
+                                      temperature=0, extra_body=extra)
+        mod = r.usage.model_extra["mod"]
+        assert set(mod) == {"threshold", "routed_fraction", "kv_bytes", "dense_kv_bytes"}
+        assert 0 < mod["kv_bytes"] <= mod["dense_kv_bytes"]
+        assert all(0 < f <= 1 for f in mod["routed_fraction"].values())
+        reports[p] = mod
+    assert reports[None]["threshold"] == 0.5 and reports[0.3]["threshold"] == 0.3
+    mean = {p: sum(m["routed_fraction"].values()) / len(m["routed_fraction"]) for p, m in reports.items()}
+    assert mean[0.3] > mean[None] > mean[0.9]  # a higher p routes fewer tokens in
+    assert reports[0.9]["kv_bytes"] <= reports[None]["kv_bytes"] <= reports[0.3]["kv_bytes"]
+    # streamed: the same figures in the final usage chunk
+    stream = client.chat.completions.create(model=model, messages=MSGS, max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"mod_threshold": 0.3})
+    last = list(stream)[-1]
+    assert last.usage is not None and last.usage.model_extra["mod"]["threshold"] == 0.3
+    h = metrics(server.base)
+    assert h["mod_request_routed_fraction_count"] >= 4
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, "0.5", True, [0.5]])
+def test_bad_request_threshold_is_400(server, model, bad):
+    if not plugin_available():
+        pytest.skip("dense model")
+    for path, body in (("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions", {"messages": MSGS})):
+        err = assert_error(post(server, path, {"model": model, "max_tokens": 2, "mod_threshold": bad, **body}), 400,
+                           "mod_threshold")
+        assert "mod_threshold" in err["message"]
