@@ -355,6 +355,22 @@ def test_tensor_parallel_2_hits_and_resumes_on_both_ranks(model_dir, reference, 
     check_against_reference(reference, prompts[:1] + prompts[1:] + prompts[:1], first + second, 8)
     assert stats[0]["routed_tokens"] == stats[1]["routed_tokens"]  # both ranks routed alike
 
+
+def test_figures_reach_requests_stopped_by_a_stop_string(default_model_dir):
+    """A stop string ends the request in the front end (detokenizer), after an engine output
+    that was not final: the figures must be on it too."""
+    prompt = "The capital of France is Paris. Tell me about it:"
+    with inproc_llm(str(default_model_dir), max_model_len=512) as llm:
+        stopped = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0.0, stop=[" the", "."]),
+                               use_tqdm=False)[0]
+        plain = llm.generate([prompt], SamplingParams(max_tokens=5, temperature=0.0), use_tqdm=False)[0]
+    assert stopped.outputs[0].finish_reason == "stop" and isinstance(stopped.outputs[0].stop_reason, str)
+    for out in (stopped, plain):
+        mod = out.kv_transfer_params["mod"]
+        assert set(mod) == {"threshold", "routed_fraction", "kv_bytes", "dense_kv_bytes"}
+        assert 0 < mod["kv_bytes"] <= mod["dense_kv_bytes"]
+        assert all(0 <= f <= 1 for f in mod["routed_fraction"].values())
+
 # ---- the index alone (no engine) --------------------------------------------------------------
 def test_index_never_uses_a_block_handed_out_again():
     """Entries on vLLM's real block pool: a chain is valid only while none of its blocks has been
