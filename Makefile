@@ -31,6 +31,7 @@ test: install
 
 bench: install  # writes docs/bench/ (see docs/benchmarks.md)
 	$(VENV)/bin/mod-serve bench $(ARGS)
+	$(VENV)/bin/mod-serve bench --rag $(ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -80,7 +80,8 @@ def ideal_speedup(config, routed_fraction: dict, context: float, lm_head_share: 
     return (layers * (linear + attn) + head) / mod
 
 
-def engine(model: str, kv_bytes: int, max_model_len: int, dtype: str, max_num_seqs: int = 64, eager: bool = False):
+def engine(model: str, kv_bytes: int, max_model_len: int, dtype: str, max_num_seqs: int = 64, eager: bool = False,
+           prefix_caching: bool = False):
     """The same engine settings for every model; ``eager`` switches off torch.compile."""
     extra = {"enforce_eager": True, "compilation_config": {"mode": 0}} if eager else {}
     return inproc_llm(
@@ -91,7 +92,7 @@ def engine(model: str, kv_bytes: int, max_model_len: int, dtype: str, max_num_se
         kv_cache_memory_bytes=kv_bytes,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max(8192, max_model_len),
-        enable_prefix_caching=False,
+        enable_prefix_caching=prefix_caching,
         seed=0,
         **extra,
     )
@@ -320,6 +321,72 @@ def report(results: dict, out_dir: Path) -> str:
     return table
 
 
+RAG_QUESTIONS = [
+    "Summarise the text above in one sentence.", "What is the main topic?", "Name one function mentioned.",
+    "Which module is described first?", "Give a title for this text.", "What would a beginner find hard here?",
+    "List three keywords.", "Is anything deprecated?", "What does the text say about errors?",
+    "Which data types appear?", "Write one question a reader might ask.", "What is the tone of the text?",
+    "Name a class mentioned.", "What is said about files?", "Explain one term used.", "What comes last?",
+]
+
+
+def rag_case(llm, tok, document: list[int], max_tokens: int = 8) -> dict:
+    """16 requests sharing one document, each with its own question: the first runs cold, then the
+    other 15 one after another (warm: the document's KV comes from vLLM's prefix cache). TTFT per
+    request from engine steps; KV bytes the scheduler holds for a warm request at its first token."""
+    engine = llm.llm_engine
+    ttft, held, cached = [], [], []
+    for i, question in enumerate(RAG_QUESTIONS):
+        prompt = document + tok("\n\nQuestion: " + question + "\nAnswer:").input_ids
+        rid = f"rag-{i}"
+        start = time.perf_counter()
+        engine.add_request(rid, {"prompt_token_ids": prompt}, _params(max_tokens))
+        first = None
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if first is None and o.outputs[0].token_ids:
+                    first = time.perf_counter() - start
+                    internal = _internal_id(llm, rid)
+                    held.append(held_bytes(llm, internal) if internal else 0)
+                if o.finished:
+                    cached.append(o.num_cached_tokens or 0)
+        ttft.append(first)
+    return {"cold_ttft_s": ttft[0], "warm_ttft_s": statistics.mean(ttft[1:]), "warm_held_bytes": statistics.mean(held[1:]),
+            "cold_held_bytes": held[0], "warm_cached_tokens": statistics.mean(cached[1:]), "document_tokens": len(document)}
+
+
+def run_rag(args) -> str:
+    from transformers import AutoTokenizer
+
+    work = Path(args.work_dir)
+    models = make_models(work, args.routed_fraction, args.model, args.dtype)
+    models = {k: v for k, v in models.items() if k in ("dense", "mod", "default") and (k in args.models or k == "dense")}
+    tok = AutoTokenizer.from_pretrained(models["dense"])
+    document = corpus_token_ids(tok, args.rag_tokens)
+    results = {}
+    for name, path in models.items():
+        _log(f"{name}: RAG case, prefix caching on")
+        with engine(path, 1 << 30, args.rag_tokens + 128, args.dtype, prefix_caching=True) as llm:
+            rag_case(llm, tok, corpus_token_ids(tok, 256), 2)  # warm-up (compiled graph, allocator)
+            results[name] = r = rag_case(llm, tok, document)
+            _log(f"  cold TTFT {r['cold_ttft_s']:.3f}s, warm TTFT {r['warm_ttft_s']:.3f}s, "
+                 f"{r['warm_cached_tokens']:.0f} cached tokens, {r['warm_held_bytes'] / 2**20:.1f} MiB held")
+    d = results["dense"]
+    lines = [f"## RAG: {len(RAG_QUESTIONS)} requests sharing one {args.rag_tokens}-token document, prefix caching on", "",
+             "| model | cold TTFT s | warm TTFT s (mean of 15) | cold / warm | warm vs dense warm | cached tokens per warm "
+             "request | KV MiB held per warm request | KV vs dense |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['cold_ttft_s']:.3f} | {r['warm_ttft_s']:.3f} | {r['cold_ttft_s'] / r['warm_ttft_s']:.1f} | "
+                     f"{r['warm_ttft_s'] / d['warm_ttft_s']:.2f} | {r['warm_cached_tokens']:.0f} | "
+                     f"{r['warm_held_bytes'] / 2**20:.1f} | {r['warm_held_bytes'] / d['warm_held_bytes']:.2f} |")
+    table = "\n".join(lines) + "\n"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rag.md").write_text(table)
+    (out / "rag.json").write_text(json.dumps(results, indent=2))
+    return table
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mod-serve bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="MoD checkpoint to benchmark (default: the default base, every other "
@@ -336,6 +403,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--concurrency-requests", type=int, default=48)
     p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "mod-serve" / "bench"))
     p.add_argument("--out", default="docs/bench", help="directory for bench.md, bench.png, bench.json")
+    p.add_argument("--rag", action="store_true", help="run only the RAG case (shared document, prefix caching "
+                   "on; writes rag.md and rag.json)")
+    p.add_argument("--rag-tokens", type=int, default=2048, help="the RAG case's shared document length")
     p.add_argument("--models", default="dense,dense-eager,mod-all-in,mod,default",
                    help="models to run (dense always runs: the ratios are against it)")
     p.add_argument("--threads", type=int, default=1, help="OpenMP threads per engine (default 1: what a served "
@@ -358,6 +428,9 @@ def main(argv: list[str]) -> int:
     import torch
 
     torch.set_num_threads(args.threads)  # before the engine's worker binds its threads
+    if args.rag:
+        print(run_rag(args))
+        return 0
     results = run(args)
     print(report(results, Path(args.out)))
     return 0
