@@ -39,6 +39,19 @@ class RoutedStepMetadata:
     common: CommonAttentionMetadata
 
 
+def _with_builder(backend_cls, builder_cls, tag: str):
+    """A subclass of ``backend_cls`` whose metadata builder is ``builder_cls``."""
+
+    class Backend(backend_cls):
+        @staticmethod
+        def get_builder_cls():
+            return builder_cls
+
+    builder_cls.__name__ = f"{tag}{backend_cls.get_builder_cls().__name__}"
+    Backend.__name__ = f"{tag}{backend_cls.__name__}"
+    return Backend
+
+
 @functools.cache
 def routed_backend(backend_cls):
     """``backend_cls`` with its metadata builder wrapped as described in the module docstring."""
@@ -51,14 +64,7 @@ def routed_backend(backend_cls):
         def build_compact(self, common_attn_metadata):
             return base.build(self, 0, common_attn_metadata)
 
-    class RoutedBackend(backend_cls):
-        @staticmethod
-        def get_builder_cls():
-            return RoutedMetadataBuilder
-
-    RoutedMetadataBuilder.__name__ = f"Routed{base.__name__}"
-    RoutedBackend.__name__ = f"Routed{backend_cls.__name__}"
-    return RoutedBackend
+    return _with_builder(backend_cls, RoutedMetadataBuilder, "Routed")
 
 
 @functools.cache
@@ -76,14 +82,7 @@ def shared_metadata_backend(backend_cls):
         def update_block_table(self, metadata, blk_table, slot_mapping):
             return dataclasses.replace(metadata, block_table=blk_table, slot_mapping=slot_mapping)
 
-    class SharedMetadataBackend(backend_cls):
-        @staticmethod
-        def get_builder_cls():
-            return SharedMetadataBuilder
-
-    SharedMetadataBuilder.__name__ = f"Shared{base.__name__}"
-    SharedMetadataBackend.__name__ = f"Shared{backend_cls.__name__}"
-    return SharedMetadataBackend
+    return _with_builder(backend_cls, SharedMetadataBuilder, "Shared")
 
 
 def make_attention_routed(attn, layer_index: int) -> None:
