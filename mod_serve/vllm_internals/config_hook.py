@@ -55,9 +55,11 @@ class MoDConfigHook(VerifyAndUpdateConfig):
                 "in eager mode even for dense Llama, and only the last stage's routed-token report reaches "
                 "the scheduler); use --tensor-parallel-size instead (docs/serving.md)"
             )
-        # Routing makes shapes data dependent: no torch.compile, no CUDA graphs.
-        vllm_config.model_config.enforce_eager = True
-        vllm_config.compilation_config.mode = CompilationMode.NONE
+        if not current_platform.is_cpu():
+            # CUDA graphs cannot capture data-dependent shapes; the compiled path (each routed
+            # layer an opaque op in vLLM's graph) is only tested on the CPU: stay eager there.
+            vllm_config.model_config.enforce_eager = True
+            vllm_config.compilation_config.mode = CompilationMode.NONE
         if vllm_config.speculative_config is not None:
             raise ValueError("speculative decoding is not supported for MoD models")
         if not current_platform.is_cpu():
