@@ -155,23 +155,39 @@ def scheduler_pool(llm) -> int:
     return scheduler(llm).kv_cache_manager.block_pool.num_gpu_blocks - 1  # minus vLLM's null block
 
 
-def test_mod_is_preempted_less_than_dense_under_one_kv_budget(half_skip_model_dir, dense_f32_dir, prompts, reference):
-    """One KV budget in bytes, too small for the whole load: vLLM's own preemption counter."""
+def run_under_budget(llm, load, max_tokens: int) -> tuple[list[list[int]], int]:
+    """Outputs in request order and the most requests vLLM ran at once."""
+    engine, peak, got = llm.llm_engine, 0, {}
+    for i, p in enumerate(load):
+        engine.add_request(f"r{i}", p, greedy(max_tokens))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                got[out.request_id] = list(out.outputs[0].token_ids)
+        peak = max(peak, len(scheduler(llm).running))
+    return [got[f"r{i}"] for i in range(len(load))], peak
+
+
+def test_mod_runs_more_requests_than_dense_under_one_kv_budget(half_skip_model_dir, dense_f32_dir, prompts, reference):
+    """One KV budget in bytes, too small for the whole load, the same engine settings for both
+    (prefix caching off: the prompts share no prefix): MoD's smaller routed-layer caches let vLLM
+    run more requests at once, it is preempted and resumes, and its outputs stay the reference's."""
     want, _ = reference
     # 40 MiB of float32 KV: 1.7 max-length (512-token) requests in the worst case (all routed in),
     # about 830 tokens per layer, while the load needs about 16 x 200
     budget, max_len = 40 << 20, 512
     load = _tokens_prompts(prompts)
-    with inproc_llm(str(dense_f32_dir), kv_cache_memory_bytes=budget, max_model_len=max_len) as llm:
-        llm.generate(load, greedy(48))
+    settings = dict(kv_cache_memory_bytes=budget, max_model_len=max_len, enable_prefix_caching=False)
+    with inproc_llm(str(dense_f32_dir), **settings) as llm:
+        _, dense_peak = run_under_budget(llm, load, 48)
         dense_preemptions = metric(llm, "vllm:num_preemptions")
-    with inproc_llm(str(half_skip_model_dir), kv_cache_memory_bytes=budget, max_model_len=max_len) as llm:
-        outs = token_ids(llm.generate(load, greedy(48)))
+    with inproc_llm(str(half_skip_model_dir), **settings) as llm:
+        outs, mod_peak = run_under_budget(llm, load, 48)
         mod_preemptions = metric(llm, "vllm:num_preemptions")
         assert free_blocks(llm) == scheduler_pool(llm)
-    print(f"preemptions: dense {dense_preemptions}, MoD {mod_preemptions}")
-    assert dense_preemptions > 0
-    assert mod_preemptions < dense_preemptions
+    print(f"peak running: dense {dense_peak}, MoD {mod_peak}; preemptions: dense {dense_preemptions}, MoD {mod_preemptions}")
+    assert dense_preemptions > 0 and mod_preemptions > 0  # the budget binds for both
+    assert mod_peak > dense_peak
     assert [o[:MAX_TOKENS] for o in outs] == want
 
 
