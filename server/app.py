@@ -461,9 +461,10 @@ def build_app(engine_args: AsyncEngineArgs, served_model_name: str, api_key: str
                 request_logger=None,
                 chat_template=None,
                 chat_template_content_format="auto",
+                enable_prompt_tokens_details=True,  # usage.prompt_tokens_details.cached_tokens: prefix-cache hits
             )
             app.state.completion = OpenAIServingCompletion(
-                engine, models, online_renderer=renderer, request_logger=None
+                engine, models, online_renderer=renderer, request_logger=None, enable_prompt_tokens_details=True
             )
             app.state.routing_report = RoutingReport(engine)
             quiet_vllm_client_errors()

@@ -460,3 +460,15 @@ def test_bad_request_threshold_is_400(server, model, bad):
         err = assert_error(post(server, path, {"model": model, "max_tokens": 2, "mod_threshold": bad, **body}), 400,
                            "mod_threshold")
         assert "mod_threshold" in err["message"]
+
+
+def test_prefix_cache_hits_reported_in_usage(client, model, tokenizer):
+    """A prompt sent twice: the second answer reports the cached tokens vLLM's prefix cache gave it
+    (MoD routed layers included), floor((len - 1) / 32) * 32, and the same text."""
+    prompt = " ".join(f"fact {i}: the number {i} squared is {i * i}." for i in range(30))
+    n = len(tokenizer(prompt).input_ids)
+    first = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+    second = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+    assert second.usage.prompt_tokens == n
+    assert second.usage.prompt_tokens_details.cached_tokens == (n - 1) // 32 * 32 > 0
+    assert second.choices[0].text == first.choices[0].text
