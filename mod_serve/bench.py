@@ -218,7 +218,7 @@ def run(args) -> dict:
                     results["timing"][f"{name}|{length}|{batch}"] = r
                     _log(f"  L={length} B={batch}: TTFT {r['ttft_s']:.3f}s TPOT {1000 * r['tpot_s']:.1f}ms "
                          f"KV {r['kv_bytes_per_token']:.0f} B/token")
-            stats = llm.collective_rpc("mod_kv_stats")[0] if name.startswith("mod") else {}
+            stats = llm.collective_rpc("mod_kv_stats")[0] if not name.startswith("dense") else {}
             results["routing"][name] = stats.get("routed_fraction", {})
         if eager:
             continue  # same KV footprint as dense
