@@ -12,18 +12,27 @@ import os
 
 
 @contextlib.contextmanager
-def inproc_llm(model: str, **kwargs):
+def llm_session(model: str, **kwargs):
+    """A vLLM ``LLM`` whose engine is shut down (and its memory freed) on exit."""
     from vllm import LLM
 
-    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    llm = LLM(model=model, distributed_executor_backend="uni", **kwargs)
+    llm = LLM(model=model, **kwargs)
     try:
         yield llm
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+
+
+@contextlib.contextmanager
+def inproc_llm(model: str, **kwargs):
+    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        with llm_session(model, distributed_executor_backend="uni", **kwargs) as llm:
+            yield llm
+    finally:
         if old is None:
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
         else:

@@ -7,30 +7,19 @@ machine each rank gets one core through ``VLLM_CPU_OMP_THREADS_BIND="0|1"``.
 
 from __future__ import annotations
 
-import contextlib
-import gc
-
 import pytest
 
+from mod_serve.inproc import llm_session
 from tests.test_vllm_layouts import MAX_TOKENS, random_prompts, run_engine, small_mod_dir
 from tests.vllm_helpers import greedy, reference_generate, token_ids
 
 pytestmark = pytest.mark.slow
 
 
-@contextlib.contextmanager
 def tp_llm(model_dir, tp: int):
-    from vllm import LLM
-
-    llm = LLM(model=str(model_dir), tensor_parallel_size=tp, distributed_executor_backend="mp", dtype="float32",
-              skip_tokenizer_init=True, max_model_len=512, block_size=32, kv_cache_memory_bytes=64 << 20, seed=0,
-              max_num_seqs=32, enforce_eager=True)  # compiling on both ranks costs minutes here
-    try:
-        yield llm
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+    return llm_session(str(model_dir), tensor_parallel_size=tp, distributed_executor_backend="mp", dtype="float32",
+                       skip_tokenizer_init=True, max_model_len=512, block_size=32, kv_cache_memory_bytes=64 << 20,
+                       seed=0, max_num_seqs=32, enforce_eager=True)  # compiling on both ranks costs minutes here
 
 
 def test_tensor_parallel_2_equals_tp1_and_the_reference(tmp_path, monkeypatch):
