@@ -47,7 +47,6 @@ class RoutingStep:
     new: torch.Tensor  # [num_routed_layers, num_reqs] routed tokens in this step (model device)
     tp_group: object | None  # set when routing decisions must be shared across TP ranks
     p: float | torch.Tensor  # routing threshold: one for the step, or per token when requests differ
-    p_req: list[float]  # each request's threshold (row order)
     has_sink: bool  # some token of this step sits at a forced sink position
     is_decode: bool  # one token per request: token i belongs to request i
     max_seq_len: list[int]  # per routed layer: a host-side upper bound of prior + new
@@ -86,7 +85,7 @@ class RoutingState:
         self.runner = None
         self.group_of_layer: dict[int, int] = {}
         self.pending_report: dict[str, tuple[int, dict[int, int]]] = {}
-        self._trims: list[tuple[int, np.ndarray]] = []  # (rows, routed totals) of the last step
+        self._trim: np.ndarray | None = None  # routed totals [layers, rows] of the step just run
         self.totals_routed = np.zeros(len(self.routed_layers), dtype=np.int64)
         self.totals_tokens = 0
         self.step: RoutingStep | None = None  # the step being run, None outside a real step
@@ -168,7 +167,6 @@ class RoutingState:
             new=new,
             tp_group=tp if tp.world_size > 1 else None,
             p=p,
-            p_req=p_req,
             has_sink=bool((computed < self.sink_tokens).any()),
             is_decode=int(qsl[-1]) == num_reqs,
             max_seq_len=(prior.max(axis=1) + int(lengths.max())).tolist(),
@@ -211,7 +209,7 @@ class RoutingState:
             self.pending_report[req_id] = (int(settled[row]), dict(zip(self.routed_layers, totals[:, row].tolist())))
         if step.crossings is not None:
             self._report_boundaries(step)
-        self._trims.append(totals)
+        self._trim = totals
         self.totals_routed += new.sum(1)
         self.totals_tokens += step.num_tokens
 
@@ -237,15 +235,14 @@ class RoutingState:
         """Shorten each request's block-table row of every routed layer to the blocks its routed
         tokens fill, exactly as ``RoutedKVManager.settle`` does on the scheduler side. Rows are
         those of the step just run (the batch is condensed only when the next step starts)."""
-        trims, self._trims = self._trims, []
-        batch = self.runner.input_batch if self.runner is not None else None
-        for totals in trims:
-            num_reqs = totals.shape[1]
-            for j, layer in enumerate(self.routed_layers):
-                table = batch.block_table[self.group_of_layer[layer]]
-                keep = -(-totals[j] // table.block_size)
-                rows = table.num_blocks_per_row[:num_reqs]
-                np.minimum(rows, keep, out=rows)
+        totals, self._trim = self._trim, None
+        if totals is None:
+            return
+        batch = self.runner.input_batch
+        for j, layer in enumerate(self.routed_layers):
+            table = batch.block_table[self.group_of_layer[layer]]
+            rows = table.num_blocks_per_row[: totals.shape[1]]
+            np.minimum(rows, -(-totals[j] // table.block_size), out=rows)
 
     def stats(self) -> dict:
         """Routing totals since start-up and the KV blocks that routed layers hold right now,
