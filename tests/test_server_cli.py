@@ -169,15 +169,21 @@ def test_max_waiting_backpressure(default_server, default_model_name):
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["type"] == "service_unavailable_error"
         assert "busy" in err["message"]
-    deadline = time.time() + 30
-    while (m := metrics(srv.base))["vllm:num_requests_running"] + m["vllm:num_requests_waiting"] and time.time() < deadline:
-        time.sleep(0.2)
+    m = _wait_engine_idle(srv)  # the engine aborted all three
     r = httpx.post(srv.base + "/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 4}, headers=AUTH, timeout=120)
     assert r.status_code == 200, r.text  # room again
     m = metrics(srv.base)
     aborted = m['mod_serve_requests_aborted_total{reason=client_disconnect}'] - before['mod_serve_requests_aborted_total{reason=client_disconnect}']
     assert aborted == full
     assert m["mod_serve_http_responses_total{status_class=5xx}"] - before["mod_serve_http_responses_total{status_class=5xx}"] == 3
+
+
+def _wait_engine_idle(srv, timeout: float = 60) -> dict[str, float]:
+    deadline = time.time() + timeout
+    while (m := metrics(srv.base))["vllm:num_requests_running"] + m["vllm:num_requests_waiting"]:
+        assert time.time() < deadline, f"engine not idle after {timeout} s: {m}\n{srv.log_tail()}"
+        time.sleep(0.2)
+    return m
 
 
 def _read_stream(base: str, body: dict, first: threading.Event, result: dict) -> None:
@@ -209,9 +215,13 @@ def test_sigterm_drains_then_exits(default_server, default_model_name):
         threading.Thread(target=_read_stream, args=(srv.base, _long_body(model, 24), short_first, short)),
         threading.Thread(target=_read_stream, args=(srv.base, _long_body(model, 1500), long_first, long)),
     ]
+    _wait_engine_idle(srv)
     for t in threads:
         t.start()
-    assert short_first.wait(60) and long_first.wait(60)
+    for name, first in (("24-token", short_first), ("1500-token", long_first)):
+        if not first.wait(120):  # a first token takes < 1 s here; say what the engine was doing
+            m = {k: v for k, v in metrics(srv.base).items() if k.startswith(("vllm:num_requests", "mod_free", "mod_total"))}
+            pytest.fail(f"no first event of the {name} stream in 120 s: {m}\n{srv.log_tail()}")
     children = srv.group_pids()
     assert len(children) >= 2, children  # the server and vLLM's engine core at least
     sent = time.time()
