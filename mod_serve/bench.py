@@ -288,15 +288,18 @@ def report(results: dict, out_dir: Path) -> str:
         lines.append("| routed | " + " | ".join(f"{v:.2f}" for v in routing.values()) + " |")
     lines += ["", f"## Concurrency under one KV budget ({args['budget_mib']} MiB, prompts of "
               f"{args['concurrency_length']} tokens, {args['concurrency_requests']} submitted)", "",
-              "`KV ratio allows`: dense KV bytes per token / the model's, measured at the longest prompt; "
-              "`of allowed`: the concurrency ratio / that.", ""]
-    lines.append("| model | peak running requests | ratio to dense | KV ratio allows | of allowed |")
-    lines.append("|---|---:|---:|---:|---:|")
-    longest = max(args["lengths"])
+              "`KV ratio allows`: dense KV bytes per token / the model's, as measured in the latency grid at "
+              "the concurrency prompt length when the grid has it (else at its longest prompt), i.e. what the "
+              "KV the model really holds allows (block rounding included); `of allowed`: the concurrency ratio / "
+              "that; `ideal allows`: 1 / the routed-fraction ideal KV ratio (no block rounding), for reference.", ""]
+    lines.append("| model | peak running requests | ratio to dense | KV ratio allows | of allowed | ideal allows |")
+    lines.append("|---|---:|---:|---:|---:|---:|")
+    at = args["concurrency_length"] if args["concurrency_length"] in args["lengths"] else max(args["lengths"])
     for name in results["concurrency"]:
         c = results["concurrency"][name] / results["concurrency"]["dense"]
-        allows = timing[f"dense|{longest}|1"]["kv_bytes_per_token"] / timing[f"{name}|{longest}|1"]["kv_bytes_per_token"]
-        lines.append(f"| {name} | {results['concurrency'][name]} | {c:.2f} | {allows:.2f} | {c / allows:.2f} |")
+        allows = timing[f"dense|{at}|1"]["kv_bytes_per_token"] / timing[f"{name}|{at}|1"]["kv_bytes_per_token"]
+        lines.append(f"| {name} | {results['concurrency'][name]} | {c:.2f} | {allows:.2f} | {c / allows:.2f} "
+                     f"| {1 / kv_ideal(name):.2f} |")
     table = "\n".join(lines) + "\n"
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))

@@ -65,7 +65,7 @@ def instrument() -> None:
     wrap(CPUAttentionBackendImpl, "forward", "attention")
     wrap(CPUAttentionBackendImpl, "do_kv_cache_update", "attention")
     wrap(vm, "routed_attention", "routed attention call")
-    wrap(vm, "router_probs", "router")
+    wrap(vm.MoDLlamaDecoderLayer, "_gate", "router")
     wrap(vm.LlamaForCausalLM, "compute_logits", "LM head")
     wrap(vm.MoDLlamaForCausalLM, "forward", "model forward")
     from vllm.model_executor.models.llama import LlamaForCausalLM

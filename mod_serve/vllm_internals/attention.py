@@ -52,6 +52,18 @@ def _with_builder(backend_cls, builder_cls, tag: str):
     return Backend
 
 
+def _cpu_update_block_table(self, metadata, blk_table, slot_mapping):
+    """``update_block_table`` for vLLM's CPU builder, as FlashAttention's builder has it: the
+    CPU metadata depends on block table and slots only by carrying them."""
+    return dataclasses.replace(metadata, block_table=blk_table, slot_mapping=slot_mapping)
+
+
+def _can_share(backend_cls) -> bool:
+    """Whether metadata built for one KV cache group can serve another with the same sequence
+    lengths (vLLM's ``update_block_table``), natively or through the CPU addition above."""
+    return backend_cls.get_builder_cls().supports_update_block_table or backend_cls.get_name() == "CPU_ATTN"
+
+
 @functools.cache
 def routed_backend(backend_cls):
     """``backend_cls`` with its metadata builder wrapped as described in the module docstring."""
@@ -64,6 +76,9 @@ def routed_backend(backend_cls):
         def build_compact(self, common_attn_metadata):
             return base.build(self, 0, common_attn_metadata)
 
+    if _can_share(backend_cls) and not base.supports_update_block_table:
+        RoutedMetadataBuilder.supports_update_block_table = True
+        RoutedMetadataBuilder.update_block_table = _cpu_update_block_table
     return _with_builder(backend_cls, RoutedMetadataBuilder, "Routed")
 
 
@@ -73,14 +88,12 @@ def shared_metadata_backend(backend_cls):
     (``update_block_table``, as FlashAttention's builder already does): a MoD model's unrouted
     layers form one 1-layer group each, whose metadata differ only in block table and slots."""
     base = backend_cls.get_builder_cls()
-    if base.supports_update_block_table or backend_cls.get_name() != "CPU_ATTN":
+    if base.supports_update_block_table or not _can_share(backend_cls):
         return backend_cls
 
     class SharedMetadataBuilder(base):
         supports_update_block_table = True
-
-        def update_block_table(self, metadata, blk_table, slot_mapping):
-            return dataclasses.replace(metadata, block_table=blk_table, slot_mapping=slot_mapping)
+        update_block_table = _cpu_update_block_table
 
     return _with_builder(backend_cls, SharedMetadataBuilder, "Shared")
 
@@ -116,26 +129,38 @@ def routed_attention(attn, step: RoutingStep, slot: int, routed_idx: torch.Tenso
     step_md: RoutedStepMetadata = ctx.attn_metadata[name]
     block_table = step_md.common.block_table_tensor[: step.num_reqs]
     block_size = step_md.builder.kv_cache_spec.block_size  # the kernel's block size
-    compact = _compact_host if q.device.type == "cpu" else _compact_device
-    slots, seq_lens, qsl = compact(step, slot, routed_idx, block_table, block_size)
-    compact_cm = CommonAttentionMetadata(
-        query_start_loc=qsl,
-        query_start_loc_cpu=qsl if qsl.device.type == "cpu" else qsl.to("cpu", non_blocking=True),
-        seq_lens=seq_lens,
-        num_reqs=step.num_reqs,
-        num_actual_tokens=routed_idx.numel(),
-        max_query_len=step.max_query_len,
-        max_seq_len=step.max_seq_len[slot],
-        block_table_tensor=block_table,
-        slot_mapping=slots,
-        causal=True,
-    )
-    metadata = step_md.builder.build_compact(compact_cm)
+    builder, n = step_md.builder, routed_idx.numel()
+    if q.device.type == "cpu":
+        slots, seq_lens, qsl = _compact_host(step, slot, routed_idx, block_table, block_size)
+        # Routed layers whose compact sequences agree this step (every layer, when every token is
+        # routed in) share one build, as vLLM's full-attention groups do (update_block_table).
+        key = (_share_key(builder), n, step.max_seq_len[slot], seq_lens.numpy().tobytes(), qsl.numpy().tobytes())
+        shared = step.metadata_memo.get(key) if builder.supports_update_block_table else None
+    else:
+        slots, seq_lens, qsl = _compact_device(step, slot, routed_idx, block_table, block_size)
+        key = shared = None
+    if shared is not None:
+        metadata = builder.update_block_table(shared, block_table, slots)
+    else:
+        metadata = builder.build_compact(CommonAttentionMetadata(
+            query_start_loc=qsl,
+            query_start_loc_cpu=qsl if qsl.device.type == "cpu" else qsl.to("cpu", non_blocking=True),
+            seq_lens=seq_lens,
+            num_reqs=step.num_reqs,
+            num_actual_tokens=n,
+            max_query_len=step.max_query_len,
+            max_seq_len=step.max_seq_len[slot],
+            block_table_tensor=block_table,
+            slot_mapping=slots,
+            causal=True,
+        ))
+        if key is not None:
+            step.metadata_memo[key] = metadata
     # What Attention.forward does (shape views, the backend's cache write unless its kernel writes
     # the cache itself, the backend's kernel), minus its custom-op dispatch and forward-context
     # lookups (~100 us per call here); make_attention_routed checked that no query quantisation
     # or KV sharing is in play.
-    impl, n = attn.impl, routed_idx.numel()
+    impl = attn.impl
     q = q.view(n, attn.num_heads, attn.head_size)
     k = k.view(n, attn.num_kv_heads, attn.head_size)
     v = v.view(n, attn.num_kv_heads, attn.head_size_v)
@@ -144,6 +169,15 @@ def routed_attention(attn, step: RoutingStep, slot: int, routed_idx: torch.Tenso
     out = torch.empty(n, attn.num_heads, attn.head_size_v, dtype=q.dtype, device=q.device)
     impl.forward(attn, q, k, v, attn.kv_cache, metadata, output=out)
     return out.view(n, attn.num_heads * attn.head_size_v)
+
+
+def _share_key(builder):
+    """What a builder's output depends on besides the compact sequences: its class and KV spec
+    (the layer index aside)."""
+    key = getattr(builder, "_mod_share_key", None)
+    if key is None:
+        key = builder._mod_share_key = (type(builder), dataclasses.replace(builder.kv_cache_spec, layer_index=-1))
+    return key
 
 
 def _compact_device(step: RoutingStep, slot: int, routed_idx, block_table, block_size: int):
@@ -174,6 +208,11 @@ def _compact_host(step: RoutingStep, slot: int, routed_idx, block_table, block_s
     idx = routed_idx.numpy()
     prior = step.prior_host[slot]
     new = step.new.numpy()[slot]  # this layer's row, filled in place
+    if step.is_decode and idx.size == step.num_reqs:  # every request's token routed in
+        new[:] = 1
+        bt = block_table.numpy()
+        slots = bt[np.arange(idx.size), prior // block_size].astype(np.int64) * block_size + prior % block_size
+        return torch.from_numpy(slots), torch.from_numpy((prior + 1).astype(np.int32)), step.all_in_qsl()
     if step.is_decode:
         rows = idx
         new[rows] = 1

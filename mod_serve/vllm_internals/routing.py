@@ -54,10 +54,18 @@ class RoutingStep:
     # the boundary's last token), or None; then route() keeps each layer's routed indices.
     crossings: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     routed_log: list = dataclasses.field(default_factory=list)
+    metadata_memo: dict = dataclasses.field(default_factory=dict)  # compact attention metadata by content
+    _all_in_qsl: torch.Tensor | None = None
 
     @property
     def num_reqs(self) -> int:
         return len(self.req_ids)
+
+    def all_in_qsl(self) -> torch.Tensor:
+        """query_start_loc of a decode step with every request's token routed in: 0..num_reqs."""
+        if self._all_in_qsl is None:
+            self._all_in_qsl = torch.arange(self.num_reqs + 1, dtype=torch.int32)
+        return self._all_in_qsl
 
     def route(self, routed: torch.Tensor) -> torch.Tensor:
         """Indices of the tokens routed in, from a [num_tokens(+padding)] bool mask. Under tensor
