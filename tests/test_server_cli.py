@@ -72,12 +72,11 @@ MAX_NUM_SEQS, MAX_WAITING, DRAIN_S = 2, 1, 8
 needs_plugin = pytest.mark.skipif(not plugin_available(), reason="the default model is MoD: needs the vLLM plugin")
 
 
-@pytest.fixture(scope="module")
-def default_server(tmp_path_factory):
+def _default_server(log_dir):
     """No --model: the default MoD model, at p = 1.01; two sequences at most and one waiting
-    (backpressure), an 8 s drain. Its last test sends SIGTERM."""
+    (backpressure), an 8 s drain."""
     srv = ServerProcess(
-        tmp_path_factory.mktemp("default_model"),
+        log_dir,
         None,
         "--mod-threshold", "1.01",
         "--max-num-seqs", str(MAX_NUM_SEQS),
@@ -88,7 +87,19 @@ def default_server(tmp_path_factory):
         srv.wait_ready()
         yield srv
     finally:
-        srv.kill()  # whatever happened, nothing of ours outlives the module
+        srv.kill()  # whatever happened, nothing of ours outlives the test
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory):
+    yield from _default_server(tmp_path_factory.mktemp("default_model"))
+
+
+@pytest.fixture
+def draining_server(tmp_path):
+    """A server of its own for the SIGTERM test, so that nothing an earlier test left in the
+    engine (aborted streams) can stand in the way of its streams."""
+    yield from _default_server(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -203,12 +214,13 @@ def _read_stream(base: str, body: dict, first: threading.Event, result: dict) ->
 
 @pytest.mark.slow
 @needs_plugin
-def test_sigterm_drains_then_exits(default_server, default_model_name):
-    """Runs last in this module. SIGTERM with two streams in flight (24 and 1500 tokens): new requests and /health get
+def test_sigterm_drains_then_exits(draining_server):
+    """SIGTERM with two streams in flight (24 and 1500 tokens): new requests and /health get
     503 at once, the short stream finishes inside --drain-timeout, the long one keeps streaming
     until the timeout and is then cut with an error event and [DONE]; the server exits 0 and
     leaves no process."""
-    srv, model = default_server, default_model_name
+    srv = draining_server
+    model = httpx.get(srv.base + "/v1/models", headers=AUTH, timeout=30).json()["data"][0]["id"]
     short, long = {}, {}
     short_first, long_first = threading.Event(), threading.Event()
     threads = [
