@@ -28,17 +28,9 @@ from vllm.model_executor.models.utils import (
 from vllm.sequence import IntermediateTensors
 
 from .config import RoutingConfig
-from .modeling import force_sink, gated_update
+from .modeling import force_sink, gated_update, router_probs
 from .vllm_internals import RoutingState, make_attention_routed, routed_attention, shared_metadata_backend
-from .vllm_internals.routed_op import (
-    add_rms_norm,
-    linear_fn,
-    register_routed_layer,
-    rms_norm,
-    rotary,
-    routed_layer,
-    silu_and_mul,
-)
+from .vllm_internals.routed_op import add_rms_norm, register_routed_layer, rms_norm, rotary, routed_layer, silu_and_mul
 
 
 def _routing(config) -> RoutingConfig:
@@ -64,7 +56,6 @@ class MoDLlamaDecoderLayer(LlamaDecoderLayer):
             self.router = nn.Linear(config.hidden_size, 1, bias=True, dtype=torch.float32)
             make_attention_routed(self.self_attn.attn, self.layer_index)
             self.op_name = register_routed_layer(self, prefix)
-            self._gemms = None
         else:
             attn = self.self_attn.attn
             attn.attn_backend = shared_metadata_backend(attn.attn_backend)
@@ -77,7 +68,7 @@ class MoDLlamaDecoderLayer(LlamaDecoderLayer):
         step = self.routing_state.step
         if step is None:  # a profiling / warm-up run: nothing to route or cache
             return h.clone()
-        g = self._gate(h)
+        g = router_probs(self.router, h)
         if step.has_sink:  # else no token of this step is at a sink position: force_sink is a no-op
             g, forced = force_sink(g, positions, self.routing.sink_tokens)
             idx = step.route((g >= step.p) | forced)
@@ -92,25 +83,18 @@ class MoDLlamaDecoderLayer(LlamaDecoderLayer):
         out = self._layer(positions[idx], h_in, step, idx)
         return h.index_copy(0, idx, gated_update(h_in, out, g[idx]))
 
-    def _gate(self, h: torch.Tensor) -> torch.Tensor:
-        """``router_probs(self.router, h)`` for [tokens, hidden]: the same float32 ``addmm`` that
-        ``F.linear`` runs on a 2-D input (so the same bits), minus its wrappers."""
-        r = self.router
-        x = h if h.dtype == torch.float32 else h.float()
-        return torch.sigmoid_(torch.addmm(r.bias, x, r.weight.t())).view(-1)
-
     def _layer(self, positions, hidden_states, step, routed_idx) -> torch.Tensor:
         """layer(h) for the routed tokens only (un-fused residual form: returns the full output)."""
         attn = self.self_attn
-        if self._gemms is None:  # after weight loading (oneDNN prepacks the weights then)
-            self._gemms = [linear_fn(m) for m in (attn.qkv_proj, attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)]
-        qkv_proj, o_proj, gate_up_proj, down_proj = self._gemms
         x = rms_norm(self.input_layernorm, hidden_states)
-        q, k, v = qkv_proj(x).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        qkv, _ = attn.qkv_proj(x)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q, k = rotary(attn.rotary_emb, positions, q, k)
-        out = o_proj(routed_attention(attn.attn, step, self.routed_slot, routed_idx, q, k, v))
+        out = routed_attention(attn.attn, step, self.routed_slot, routed_idx, q, k, v)
+        out, _ = attn.o_proj(out)
         x, residual = add_rms_norm(self.post_attention_layernorm, out, hidden_states.clone())
-        down = down_proj(silu_and_mul(self.mlp.act_fn, gate_up_proj(x)))
+        gate_up, _ = self.mlp.gate_up_proj(x)
+        down, _ = self.mlp.down_proj(silu_and_mul(self.mlp.act_fn, gate_up))
         return down + residual
 
 

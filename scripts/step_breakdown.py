@@ -65,10 +65,7 @@ def instrument() -> None:
     wrap(CPUAttentionBackendImpl, "forward", "attention")
     wrap(CPUAttentionBackendImpl, "do_kv_cache_update", "attention")
     wrap(vm, "routed_attention", "routed attention call")
-    if hasattr(vm, "router_probs"):  # before: the reference's router_probs, called per routed layer
-        wrap(vm, "router_probs", "router")
-    else:
-        wrap(vm.MoDLlamaDecoderLayer, "_gate", "router")
+    wrap(vm, "router_probs", "router")
     wrap(vm.LlamaForCausalLM, "compute_logits", "LM head")
     wrap(vm.MoDLlamaForCausalLM, "forward", "model forward")
     from vllm.model_executor.models.llama import LlamaForCausalLM

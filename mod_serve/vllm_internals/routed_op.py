@@ -74,19 +74,5 @@ def silu_and_mul(act, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def linear_fn(layer):
-    """A callable ``x -> layer(x)[0]`` for one of vLLM's parallel linear layers. Unsharded,
-    unquantised and on the CPU it is the layer's own GEMM (``cpu_linear``, oneDNN on a
-    prepacked weight) with the bias the layer's forward would add, skipping three Python levels
-    of ``forward``/``quant_method.apply`` dispatch (~20 us a call here); otherwise the layer."""
-    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
-
-    gemm = getattr(layer, "cpu_linear", None)
-    if gemm is None or layer.tp_size != 1 or layer.skip_bias_add or type(layer.quant_method) is not UnquantizedLinearMethod:
-        return lambda x: layer(x)[0]
-    weight, bias = layer.weight, layer.bias
-    return lambda x: gemm(x, weight, bias)
-
-
 def rotary(rope, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
     return rope.forward_cpu(positions, q, k) if q.device.type == "cpu" else rope(positions, q, k)
