@@ -68,13 +68,18 @@ def test_mod_threshold_override_keeps_the_rest_of_the_mod_config(default_model_d
 
 # ---------------------------------------------------------------- the default model's server
 
-MAX_NUM_SEQS, MAX_WAITING, DRAIN_S = 2, 1, 8
+MAX_NUM_SEQS, MAX_WAITING = 2, 1
+# The drain test's timeout: long enough that a slow or briefly stalled machine still finds the
+# server draining when it checks, short against its long stream (2000 tokens, ~40 s or more).
+DRAIN_S = 20
+SHORT_TOKENS = 100  # the drain test's stream that finishes inside the drain (a few s)
+LONG_TOKENS = 2000  # + the 5 prompt tokens of _long_body: inside the servers' --max-model-len 2048
 needs_plugin = pytest.mark.skipif(not plugin_available(), reason="the default model is MoD: needs the vLLM plugin")
 
 
 def _default_server(log_dir):
     """No --model: the default MoD model, at p = 1.01; two sequences at most and one waiting
-    (backpressure), an 8 s drain."""
+    (backpressure), a DRAIN_S drain."""
     srv = ServerProcess(
         log_dir,
         None,
@@ -133,14 +138,28 @@ def test_default_model_and_threshold_override(default_server, default_model_name
         assert all(v == 0 for v in fractions), m
 
 
-def _long_body(model: str, max_tokens: int = 1500) -> dict:
+def _long_body(model: str, max_tokens: int = LONG_TOKENS) -> dict:
     return {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
 
 
-async def _hold_stream(http: httpx.AsyncClient, model: str) -> None:
+async def _hold_stream(http: httpx.AsyncClient, model: str, seen: list) -> None:
     async with http.stream("POST", "/v1/completions", json=_long_body(model)) as r:
-        async for _ in r.aiter_lines():
-            pass
+        seen.append(r.status_code)
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and len(seen) < 4:
+                seen.append(line[:200])
+
+
+def _engine_counts(srv) -> dict[str, float]:
+    return {k: v for k, v in metrics(srv.base).items() if k.startswith(("vllm:num_requests", "mod_free", "mod_total"))}
+
+
+def _hogs_state(hogs, seen) -> str:
+    out = []
+    for task, s in zip(hogs, seen):
+        state = "running" if not task.done() else repr(task.exception()) if task.exception() else "finished"
+        out.append(f"{state}: {s}")
+    return "\n".join(out)
 
 
 @pytest.mark.slow
@@ -155,13 +174,17 @@ def test_max_waiting_backpressure(default_server, default_model_name):
 
     async def scenario():
         async with httpx.AsyncClient(base_url=srv.base, headers=AUTH, timeout=120) as http:
-            hogs = [asyncio.create_task(_hold_stream(http, model)) for _ in range(full)]
-            deadline = time.time() + 60
+            seen = [[] for _ in range(full)]
+            hogs = [asyncio.create_task(_hold_stream(http, model, s)) for s in seen]
+            deadline = time.time() + 180  # (< 1 s here)
             while True:
                 m = await asyncio.to_thread(metrics, srv.base)
                 if m["vllm:num_requests_running"] + m["vllm:num_requests_waiting"] == full:
                     break
-                assert time.time() < deadline, m
+                if time.time() > deadline:
+                    counts = await asyncio.to_thread(_engine_counts, srv)
+                    pytest.fail(f"not {full} requests in the engine after 180 s: {counts}\n"
+                                f"streams:\n{_hogs_state(hogs, seen)}\nserver log:\n{srv.log_tail()}")
                 await asyncio.sleep(0.2)
             assert m["vllm:num_requests_running"] == MAX_NUM_SEQS
             refused = [
@@ -169,6 +192,10 @@ def test_max_waiting_backpressure(default_server, default_model_name):
                 await http.post("/v1/completions", json=_long_body(model, 4)),
                 await http.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "Hi"}]}),
             ]
+            # valid only while the queue stayed full: no stream may have ended in between
+            if any(h.done() for h in hogs):
+                pytest.fail(f"a stream ended before the refusals were checked:\n{_hogs_state(hogs, seen)}\n"
+                            f"{[r.status_code for r in refused]}\n{srv.log_tail()}")
             for hog in hogs:
                 hog.cancel()
             await asyncio.gather(*hogs, return_exceptions=True)
@@ -215,7 +242,7 @@ def _read_stream(base: str, body: dict, first: threading.Event, result: dict) ->
 @pytest.mark.slow
 @needs_plugin
 def test_sigterm_drains_then_exits(draining_server):
-    """SIGTERM with two streams in flight (24 and 1500 tokens): new requests and /health get
+    """SIGTERM with two streams in flight (SHORT_TOKENS and LONG_TOKENS tokens): new requests and /health get
     503 at once, the short stream finishes inside --drain-timeout, the long one keeps streaming
     until the timeout and is then cut with an error event and [DONE]; the server exits 0 and
     leaves no process."""
@@ -224,22 +251,29 @@ def test_sigterm_drains_then_exits(draining_server):
     short, long = {}, {}
     short_first, long_first = threading.Event(), threading.Event()
     threads = [
-        threading.Thread(target=_read_stream, args=(srv.base, _long_body(model, 24), short_first, short)),
-        threading.Thread(target=_read_stream, args=(srv.base, _long_body(model, 1500), long_first, long)),
+        threading.Thread(target=_read_stream, args=(srv.base, _long_body(model, SHORT_TOKENS), short_first, short)),
+        threading.Thread(target=_read_stream, args=(srv.base, _long_body(model), long_first, long)),
     ]
     _wait_engine_idle(srv)
     for t in threads:
         t.start()
-    for name, first in (("24-token", short_first), ("1500-token", long_first)):
+    for name, first in (("short", short_first), ("long", long_first)):
         if not first.wait(120):  # a first token takes < 1 s here; say what the engine was doing
-            m = {k: v for k, v in metrics(srv.base).items() if k.startswith(("vllm:num_requests", "mod_free", "mod_total"))}
-            pytest.fail(f"no first event of the {name} stream in 120 s: {m}\n{srv.log_tail()}")
+            pytest.fail(f"no first event of the {name} stream in 120 s: {_engine_counts(srv)}\n{srv.log_tail()}")
+    for name, result in (("short", short), ("long", long)):  # both streaming, neither done
+        if result.get("status") != 200 or "events" in result:
+            pytest.fail(f"the {name} stream is not in flight: {result}\n{_engine_counts(srv)}\n{srv.log_tail()}")
     children = srv.group_pids()
     assert len(children) >= 2, children  # the server and vLLM's engine core at least
     sent = time.time()
     srv.proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
-    health = httpx.get(srv.base + "/health", timeout=10)
+    try:
+        health = httpx.get(srv.base + "/health", timeout=10)
+    except httpx.TransportError as e:
+        pytest.fail(f"/health {time.time() - sent:.1f} s after SIGTERM: {e!r}; server exit code {srv.proc.poll()}, "
+                    f"streams {short} {long}\n"
+                    f"{srv.log_tail()}")
     new = httpx.post(srv.base + "/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 2}, headers=AUTH, timeout=10)
     for r in (health, new):
         assert r.status_code == 503 and r.headers["connection"] == "close" and r.headers["retry-after"]
@@ -258,7 +292,7 @@ def test_sigterm_drains_then_exits(draining_server):
     # the short stream ended normally, inside the drain
     events = [e for _, e in short["events"]]
     assert short["status"] == 200 and "error" not in short and events[-1] == "[DONE]", events[-3:]
-    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"  # all its 24 tokens
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"  # all its SHORT_TOKENS tokens
     assert "shutting down" not in "".join(events)
     short_done = short["events"][-1][0]
     # the long one went on streaming after the short one finished, then was cut and told why
@@ -266,7 +300,7 @@ def test_sigterm_drains_then_exits(draining_server):
     assert long["status"] == 200 and "error" not in long and events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["message"] == "server shutting down", events[-3:]
     assert sum(1 for when, _ in long["events"] if when > short_done) > 2
-    assert len(events) < 1500
+    assert len(events) < LONG_TOKENS
     assert "[mod-serve] draining: 2 request(s) in flight" in log
     assert "[mod-serve] drain timeout: aborting 1 request(s) still in flight" in log
     assert "[mod-serve] stopped" in log and "Traceback" not in log
