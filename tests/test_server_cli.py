@@ -157,7 +157,12 @@ def _engine_counts(srv) -> dict[str, float]:
 def _hogs_state(hogs, seen) -> str:
     out = []
     for task, s in zip(hogs, seen):
-        state = "running" if not task.done() else repr(task.exception()) if task.exception() else "finished"
+        if not task.done():
+            state = "running"
+        elif task.cancelled():
+            state = "cancelled"
+        else:
+            state = repr(task.exception()) if task.exception() else "finished"
         out.append(f"{state}: {s}")
     return "\n".join(out)
 
