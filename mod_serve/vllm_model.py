@@ -30,7 +30,17 @@ from vllm.sequence import IntermediateTensors
 from .config import RoutingConfig
 from .modeling import force_sink, gated_update, router_probs
 from .vllm_internals import RoutingState, make_attention_routed, routed_attention, shared_metadata_backend
-from .vllm_internals.routed_op import add_rms_norm, register_routed_layer, rms_norm, rotary, routed_layer, silu_and_mul
+from .vllm_internals.routed_op import (
+    add_rms_norm,
+    attend,
+    register_routed_layer,
+    rms_norm,
+    rotary,
+    rotary_graph,
+    route,
+    routed_layer,
+    silu_and_mul,
+)
 
 
 def _routing(config) -> RoutingConfig:
@@ -82,6 +92,42 @@ class MoDLlamaDecoderLayer(LlamaDecoderLayer):
         h_in = h[idx]
         out = self._layer(positions[idx], h_in, step, idx)
         return h.index_copy(0, idx, gated_update(h_in, out, g[idx]))
+
+    # ---- compiled: the layer as graph ops around two opaque steps (route, attend) ----------
+    def run_routed_graph(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The same layer traced into vLLM's compiled graph. The routed count is an unbacked size,
+        so the router, gather, norms, GEMMs, RoPE, MLP, gated update and scatter compile like the
+        dense layers; only ``route`` (g >= p, bookkeeping) and ``attend`` run eagerly (``routed_op``).
+        A forced sink position has g = 1 >= p, so it is routed in without a separate mask."""
+        g = router_probs(self.router, h)
+        if self.routing.sink_tokens:
+            g, _ = force_sink(g, positions, self.routing.sink_tokens)
+        idx = route(g, self.op_name)
+        h_in = h.index_select(0, idx)
+        attn = self.self_attn
+        x = self.input_layernorm(h_in)
+        qkv, _ = attn.qkv_proj(x)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q, k = rotary_graph(attn.rotary_emb, positions.index_select(0, idx), q, k, attn.num_heads, attn.num_kv_heads)
+        out, _ = attn.o_proj(attend(q, k, v, idx, self.op_name))
+        x, residual = self.post_attention_layernorm(out, h_in)
+        out = self.mlp(x) + residual
+        return h.index_copy(0, idx, gated_update(h_in, out, g.index_select(0, idx)))
+
+    def route(self, g: torch.Tensor) -> torch.Tensor:
+        """``mod_serve::route``: indices of the tokens routed in (a fresh tensor)."""
+        step = self.routing_state.step
+        if step is None:  # a profiling / warm-up run: nothing to route or cache
+            return g.new_empty(0, dtype=torch.int64)
+        idx = step.route(g >= step.p)
+        return idx.clone() if step.crossings is not None else idx  # the step's log keeps its own
+
+    def attend(self, q, k, v, idx) -> torch.Tensor:
+        """``mod_serve::routed_attention``: the routed tokens' attention over the compact cache."""
+        step = self.routing_state.step
+        if step is None or idx.numel() == 0:
+            return q.new_zeros(q.shape[0], self.self_attn.attn.num_heads * self.self_attn.attn.head_size_v)
+        return routed_attention(self.self_attn.attn, step, self.routed_slot, idx, q, k, v)
 
     def _layer(self, positions, hidden_states, step, routed_idx) -> torch.Tensor:
         """layer(h) for the routed tokens only (un-fused residual form: returns the full output)."""
@@ -137,7 +183,10 @@ class MoDLlamaModel(nn.Module):
                 continue
             hidden = hidden if residual is None else hidden + residual
             residual = None
-            hidden = routed_layer(hidden, positions, layer.op_name)
+            if torch.compiler.is_compiling():  # traced into vLLM's graph (support_torch_compile)
+                hidden = layer.run_routed_graph(hidden, positions)
+            else:
+                hidden = routed_layer(hidden, positions, layer.op_name)
         if residual is None:  # the last layer was routed: no pending residual
             return self.norm(hidden)
         hidden, _ = self.norm(hidden, residual)

@@ -11,7 +11,8 @@ and batch (1, 8; 512-token prompts, 1 OpenMP thread as served), the median per d
   group) and ``_build_attention_metadata`` (one build per group);
 * routing bookkeeping: ``RoutingState.begin``/``end``/``trim_block_tables`` (MoD only);
 * attention: the attention kernels and KV writes (``impl.forward`` + ``do_kv_cache_update``), all layers;
-* router: the routers' float32 gates (MoD only);
+* router: the routers' float32 gates (MoD only; with the routed layer in the compiled graph, whose
+  fused kernels time cannot be split off, the eager decision op that follows them);
 * routed attention call: compact metadata + the routed layers' attention kernels (MoD only);
 * model forward (includes attention, router and routed attention call; routing bookkeeping is
   inside it after the change, outside before); LM head: ``compute_logits``; rest of step: sampling,
@@ -65,7 +66,12 @@ def instrument() -> None:
     wrap(CPUAttentionBackendImpl, "forward", "attention")
     wrap(CPUAttentionBackendImpl, "do_kv_cache_update", "attention")
     wrap(vm, "routed_attention", "routed attention call")
-    wrap(vm, "router_probs", "router")
+    if hasattr(vm.MoDLlamaDecoderLayer, "run_routed_graph"):
+        # compiled plugin: the router's GEMM and sigmoid are graph ops; its eager part is the
+        # decision op (g >= p, indices, bookkeeping)
+        wrap(vm.MoDLlamaDecoderLayer, "route", "router")
+    else:
+        wrap(vm, "router_probs", "router")
     wrap(vm.LlamaForCausalLM, "compute_logits", "LM head")
     wrap(vm.MoDLlamaForCausalLM, "forward", "model forward")
     from vllm.model_executor.models.llama import LlamaForCausalLM

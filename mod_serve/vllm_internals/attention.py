@@ -134,7 +134,8 @@ def routed_attention(attn, step: RoutingStep, slot: int, routed_idx: torch.Tenso
         slots, seq_lens, qsl = _compact_host(step, slot, routed_idx, block_table, block_size)
         # Routed layers whose compact sequences agree this step (every layer, when every token is
         # routed in) share one build, as vLLM's full-attention groups do (update_block_table).
-        key = (_share_key(builder), n, step.max_seq_len[slot], seq_lens.numpy().tobytes(), qsl.numpy().tobytes())
+        key = (_share_key(builder), n, step.max_seq_len[slot], seq_lens.numpy().tobytes(),
+               None if qsl is step._all_in_qsl else qsl.numpy().tobytes())
         shared = step.metadata_memo.get(key) if builder.supports_update_block_table else None
     else:
         slots, seq_lens, qsl = _compact_device(step, slot, routed_idx, block_table, block_size)
@@ -210,9 +211,9 @@ def _compact_host(step: RoutingStep, slot: int, routed_idx, block_table, block_s
     new = step.new.numpy()[slot]  # this layer's row, filled in place
     if step.is_decode and idx.size == step.num_reqs:  # every request's token routed in
         new[:] = 1
-        bt = block_table.numpy()
-        slots = bt[np.arange(idx.size), prior // block_size].astype(np.int64) * block_size + prior % block_size
-        return torch.from_numpy(slots), torch.from_numpy((prior + 1).astype(np.int32)), step.all_in_qsl()
+        rows, column, offset, seq_lens = step.decode_host(block_size)
+        slots = block_table.numpy()[rows, column[slot]] * np.int64(block_size) + offset[slot]
+        return torch.from_numpy(slots), seq_lens[slot], step.all_in_qsl()
     if step.is_decode:
         rows = idx
         new[rows] = 1

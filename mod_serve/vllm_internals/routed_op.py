@@ -49,6 +49,58 @@ def routed_layer(hidden: torch.Tensor, positions: torch.Tensor, layer_name: str)
     return torch.ops.mod_serve.routed_layer(hidden, positions, layer_name)
 
 
+# ---- the routed layer inside the compiled graph ----------------------------------------------
+# Compiled, only the two data-dependent steps stay opaque: ``route`` (the decision ``g >= p`` and
+# the per-step bookkeeping; its output size is an unbacked symbol) and ``routed_attention``
+# (attention of the routed tokens over the layer's compact KV cache). The float32 router, gather,
+# norms, GEMMs, RoPE, MLP, gated update and scatter are graph ops that inductor fuses as it fuses
+# the dense layers.
+def _route(g: torch.Tensor, layer_name: str) -> torch.Tensor:
+    return _LAYERS[layer_name].route(g)
+
+
+def _route_fake(g: torch.Tensor, layer_name: str) -> torch.Tensor:
+    return g.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, layer_name: str) -> torch.Tensor:
+    return _LAYERS[layer_name].attend(q, k, v, idx)
+
+
+def _attend_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, layer_name: str):
+    attn = _LAYERS[layer_name].self_attn.attn
+    return q.new_empty(q.shape[0], attn.num_heads * attn.head_size_v)
+
+
+direct_register_custom_op("route", _route, mutates_args=[], fake_impl=_route_fake, target_lib=_lib)
+direct_register_custom_op("routed_attention", _attend, mutates_args=[], fake_impl=_attend_fake, target_lib=_lib)
+
+
+def route(g: torch.Tensor, layer_name: str) -> torch.Tensor:
+    """Indices of the tokens routed in, from the float32 gates (sink positions already at 1)."""
+    return torch.ops.mod_serve.route(g, layer_name)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, layer_name: str) -> torch.Tensor:
+    return torch.ops.mod_serve.routed_attention(q, k, v, idx, layer_name)
+
+
+def rotary_graph(rope, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, num_heads: int, num_kv_heads: int):
+    """vLLM's native RoPE (``RotaryEmbedding.forward_static``) with the head counts spelled out:
+    its ``view(num_tokens, -1, head_size)`` cannot infer -1 when the routed count may be 0."""
+    from vllm.model_executor.layers.rotary_embedding.common import ApplyRotaryEmb
+
+    cos, sin = rope._match_cos_sin_cache_dtype(q).index_select(0, positions).chunk(2, dim=-1)
+    head, rot = rope.head_size, rope.rotary_dim
+
+    def apply(x, heads):
+        x = x.unflatten(-1, (heads, head))
+        x_rot = ApplyRotaryEmb.forward_static(x[..., :rot], cos, sin, rope.is_neox_style)
+        return torch.cat((x_rot, x[..., rot:]), dim=-1).flatten(-2)
+
+    return apply(q, num_heads), apply(k, num_kv_heads)
+
+
 # ---- eager kernels for the layer body inside the op ------------------------------------------
 def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu":

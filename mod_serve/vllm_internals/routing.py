@@ -56,6 +56,7 @@ class RoutingStep:
     routed_log: list = dataclasses.field(default_factory=list)
     metadata_memo: dict = dataclasses.field(default_factory=dict)  # compact attention metadata by content
     _all_in_qsl: torch.Tensor | None = None
+    _decode_host: tuple | None = None
 
     @property
     def num_reqs(self) -> int:
@@ -66,6 +67,16 @@ class RoutingStep:
         if self._all_in_qsl is None:
             self._all_in_qsl = torch.arange(self.num_reqs + 1, dtype=torch.int32)
         return self._all_in_qsl
+
+    def decode_host(self, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
+        """Host constants of a decode step, once for all routed layers: (batch rows, block column
+        and in-block offset of each request's next compact token per routed layer, and the compact
+        sequence lengths [layers, reqs] if that token is routed in)."""
+        if self._decode_host is None or self._decode_host[0] != block_size:
+            prior = self.prior_host
+            self._decode_host = (block_size, np.arange(self.num_reqs), prior // block_size, prior % block_size,
+                                 torch.from_numpy((prior + 1).astype(np.int32)))
+        return self._decode_host[1:]
 
     def route(self, routed: torch.Tensor) -> torch.Tensor:
         """Indices of the tokens routed in, from a [num_tokens(+padding)] bool mask. Under tensor

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+
+import torch
+
 
 def _worker_base():
     from vllm.platforms import current_platform
@@ -16,16 +20,37 @@ def _worker_base():
 
 
 def _lighten_block_tables(runner, routed_gids: set[int]) -> None:
-    """Per-step block-table work a MoD model does not need: a routed group's slot mapping (the
-    routed layer computes its compact slots itself), and, on the CPU, where a block table's
-    "device" buffer is its CPU buffer, the copy of every table onto itself."""
+    """Per-step block-table work a MoD model does not need.
+
+    * A routed group's slot mapping: the routed layer computes its compact slots itself.
+    * On the CPU, the copy of every table from its host buffer to its "device" buffer: vLLM's CPU
+      runner makes the two one tensor (``CPUModelRunner._postprocess_tensors``), but the input
+      batch it rebuilds for several KV cache groups gets separate ones again; they are made one
+      tensor here again and the copy is skipped.
+    * On the CPU, the other groups' slot mappings call vLLM's C++ kernel directly: its
+      Triton-launcher emulation binds the call's signature every time (~25 us per group and step).
+    """
+    from vllm.triton_utils import HAS_TRITON
+    from vllm.v1.utils import CpuGpuBuffer
     from vllm.v1.worker.block_table import SlotMappingMode
 
+    on_cpu = runner.device.type == "cpu"
     for gid, table in enumerate(runner.input_batch.block_table.block_tables):
         if gid in routed_gids:
             table.slot_mapping_mode = SlotMappingMode.NONE
-        if table.block_table.gpu is table.block_table.cpu:
+        if on_cpu:
+            for buf in vars(table).values():
+                if isinstance(buf, CpuGpuBuffer):
+                    buf.gpu = buf.cpu
             table.commit_block_table = lambda num_reqs: None
+            if not HAS_TRITON and table.dcp_world_size == 1 and table.slot_mapping_mode == SlotMappingMode.TOKEN_TO_KV_SLOT:
+                table.compute_slot_mapping = functools.partial(_cpu_slot_mapping, table)
+
+
+def _cpu_slot_mapping(table, num_reqs, query_start_loc, positions) -> None:
+    """What vLLM's CPU replacement of its slot-mapping kernel runs (``cpu_triton_utils``)."""
+    torch.ops._C.compute_slot_mapping_kernel_impl(query_start_loc, positions, table.block_table.gpu,
+                                                  table.slot_mapping.gpu, table.block_size)
 
 
 class MoDWorker(_worker_base()):
