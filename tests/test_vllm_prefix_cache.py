@@ -21,7 +21,7 @@ from vllm import SamplingParams
 
 from mod_serve.vllm_internals import cdiv
 from tests.test_vllm_layouts import SMALL, small_mod_dir
-from tests.vllm_helpers import BLOCK_SIZE, free_blocks, inproc_llm, metric, routed_managers, scheduler, worker
+from tests.vllm_helpers import COMPILED, BLOCK_SIZE, free_blocks, inproc_llm, metric, routed_managers, scheduler, worker
 
 pytestmark = pytest.mark.slow
 
@@ -311,13 +311,15 @@ def test_caching_off_gives_the_same_tokens_and_counts(model_dir, llm, reference)
     check_against_reference(reference, prompts, on, 8)
 
 
-def test_preemption_and_chunked_prefill_with_caching_on(model_dir, reference):
+@pytest.mark.parametrize("mode", ["eager", "compiled"])  # compiled: the graph's route op logs boundaries
+def test_preemption_and_chunked_prefill_with_caching_on(mode, model_dir, reference):
     system = rand_tokens(96, seed=12)
     prompts = [system + rand_tokens(20 + 9 * i, seed=60 + i) for i in range(16)]
     # 160 KV blocks shared by 5 groups (a 512-token request needs 80): too few for 16 requests
     # of ~250 tokens; prefill chunks of at most 64 tokens
     with inproc_llm(str(model_dir), skip_tokenizer_init=True, max_model_len=512, kv_cache_memory_bytes=5 << 20,
-                    max_num_batched_tokens=64, enable_chunked_prefill=True) as llm:
+                    max_num_batched_tokens=64, enable_chunked_prefill=True,
+                    **(COMPILED if mode == "compiled" else {})) as llm:
         pool = free_blocks(llm)
         outs = run(llm, prompts, max_tokens=64)
         preemptions = metric(llm, "vllm:num_preemptions")

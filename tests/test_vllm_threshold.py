@@ -10,7 +10,7 @@ import pytest
 from vllm import SamplingParams
 
 from tests.test_vllm_layouts import MAX_TOKENS, random_prompts, small_mod_dir
-from tests.vllm_helpers import inproc_llm, reference_generate, routed_managers, scheduler
+from tests.vllm_helpers import COMPILED, inproc_llm, reference_generate, routed_managers, scheduler
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,8 @@ def params(p):
                           extra_args=None if p is None else {"mod_threshold": p})
 
 
-def test_mixed_thresholds_in_one_batch_equal_the_reference_at_each_p(tmp_path):
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_mixed_thresholds_in_one_batch_equal_the_reference_at_each_p(mode, tmp_path):
     model_dir = small_mod_dir(tmp_path / "m", [1, 2, 3, 5])
     prompts = random_prompts(n=9, seed=4)
     want = []
@@ -41,7 +42,8 @@ def test_mixed_thresholds_in_one_batch_equal_the_reference_at_each_p(tmp_path):
         p = THRESHOLDS[i % 3]
         ref_dir = model_dir if p is None else at_threshold(model_dir, p, tmp_path)
         want.append(reference_generate(ref_dir, [prompt], MAX_TOKENS)[0][0])
-    with inproc_llm(str(model_dir), skip_tokenizer_init=True, max_model_len=512) as llm:
+    with inproc_llm(str(model_dir), skip_tokenizer_init=True, max_model_len=512,
+                    **(COMPILED if mode == "compiled" else {})) as llm:  # per-token p in the graph's route op
         engine = llm.llm_engine
         for i, prompt in enumerate(prompts):  # the same prompt at the three thresholds, too
             engine.add_request(f"r{i}", {"prompt_token_ids": prompt}, params(THRESHOLDS[i % 3]))

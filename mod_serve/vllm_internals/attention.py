@@ -17,6 +17,7 @@ so nothing here depends on a backend's metadata type or KV cache layout.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 
@@ -54,8 +55,12 @@ def _with_builder(backend_cls, builder_cls, tag: str):
 
 def _cpu_update_block_table(self, metadata, blk_table, slot_mapping):
     """``update_block_table`` for vLLM's CPU builder, as FlashAttention's builder has it: the
-    CPU metadata depends on block table and slots only by carrying them."""
-    return dataclasses.replace(metadata, block_table=blk_table, slot_mapping=slot_mapping)
+    CPU metadata depends on block table and slots only by carrying them (a shallow copy with
+    the two fields set: ``dataclasses.replace`` would run ``__init__`` again)."""
+    metadata = copy.copy(metadata)
+    metadata.block_table = blk_table
+    metadata.slot_mapping = slot_mapping
+    return metadata
 
 
 def _can_share(backend_cls) -> bool:
@@ -206,14 +211,14 @@ def _compact_device(step: RoutingStep, slot: int, routed_idx, block_table, block
 def _compact_host(step: RoutingStep, slot: int, routed_idx, block_table, block_size: int):
     """The same in numpy on the CPU (the tensors share memory with the arrays): a handful of
     array operations instead of a dozen small torch ops per routed layer and step."""
-    idx = routed_idx.numpy()
-    prior = step.prior_host[slot]
-    new = step.new.numpy()[slot]  # this layer's row, filled in place
-    if step.is_decode and idx.size == step.num_reqs:  # every request's token routed in
+    new = step.new_host[slot]  # this layer's row, filled in place
+    if step.is_decode and routed_idx.shape[0] == step.num_reqs:  # every request's token routed in
         new[:] = 1
         rows, column, offset, seq_lens = step.decode_host(block_size)
         slots = block_table.numpy()[rows, column[slot]] * np.int64(block_size) + offset[slot]
         return torch.from_numpy(slots), seq_lens[slot], step.all_in_qsl()
+    idx = routed_idx.numpy()
+    prior = step.prior_host[slot]
     if step.is_decode:
         rows = idx
         new[rows] = 1

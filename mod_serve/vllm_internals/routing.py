@@ -53,6 +53,7 @@ class RoutingStep:
     # Prefix caching: block boundaries crossed in this step, (batch rows, N, token index of
     # the boundary's last token), or None; then route() keeps each layer's routed indices.
     crossings: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    new_host: np.ndarray | None = None  # on the CPU: ``new``'s memory as an array
     routed_log: list = dataclasses.field(default_factory=list)
     metadata_memo: dict = dataclasses.field(default_factory=dict)  # compact attention metadata by content
     _all_in_qsl: torch.Tensor | None = None
@@ -68,14 +69,14 @@ class RoutingStep:
             self._all_in_qsl = torch.arange(self.num_reqs + 1, dtype=torch.int32)
         return self._all_in_qsl
 
-    def decode_host(self, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
+    def decode_host(self, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[torch.Tensor]]:
         """Host constants of a decode step, once for all routed layers: (batch rows, block column
-        and in-block offset of each request's next compact token per routed layer, and the compact
-        sequence lengths [layers, reqs] if that token is routed in)."""
+        and in-block offset of each request's next compact token per routed layer, and per routed
+        layer the compact sequence lengths if every request's token is routed in)."""
         if self._decode_host is None or self._decode_host[0] != block_size:
             prior = self.prior_host
             self._decode_host = (block_size, np.arange(self.num_reqs), prior // block_size, prior % block_size,
-                                 torch.from_numpy((prior + 1).astype(np.int32)))
+                                 list(torch.from_numpy((prior + 1).astype(np.int32)).unbind(0)))
         return self._decode_host[1:]
 
     def route(self, routed: torch.Tensor) -> torch.Tensor:
@@ -184,6 +185,7 @@ class RoutingState:
             prior_host=prior,
             prior=prior_dev,
             new=new,
+            new_host=new.numpy() if device.type == "cpu" else None,
             tp_group=tp if tp.world_size > 1 else None,
             p=p,
             has_sink=bool((computed < self.sink_tokens).any()),
