@@ -1,15 +1,16 @@
-"""Compile seam: each routed layer is one opaque custom op inside vLLM's compiled model graph.
+"""Compile seam: the custom ops a routed layer runs eagerly, compiled or not.
 
-vLLM compiles the MoD model like its dense Llama (``@support_torch_compile``): embedding,
-unrouted layers and the final norm become inductor kernels. What a routed layer does depends on
-data (how many tokens its router lets in), so the whole routed layer (router, routing decision,
-gather, layer on the routed tokens over its compact KV cache, gated update, scatter) runs eagerly
-behind ``torch.ops.mod_serve.routed_layer``, whose shape contract is simply "same shape as the
-hidden states". The op finds its layer by name (a string baked into the graph).
+vLLM compiles the MoD model like its dense Llama (``@support_torch_compile``). Traced, a routed
+layer (``MoDLlamaDecoderLayer.run_routed_graph``) is graph ops around two opaque steps that depend
+on data: ``mod_serve::route`` (the decision ``g >= p`` and the step's bookkeeping; its output size,
+the routed count, is an unbacked symbol) and ``mod_serve::routed_attention`` (attention of the
+routed tokens over the layer's compact KV cache). Everything else (float32 router, gather, norms,
+GEMMs, RoPE, MLP, gated update, scatter) is fused by inductor as in the dense layers.
 
-The layer body inside the op calls vLLM's C++ kernels directly on the CPU (RMSNorm, fused
-add + RMSNorm, SiLU-and-mul, RoPE): in compiled mode vLLM's modules use their native PyTorch
-forms, which inductor fuses in the dense layers but which cost ~10x more when run eagerly.
+Eager (``enforce_eager``; always on CUDA), the whole routed layer is one op,
+``mod_serve::routed_layer``, whose body calls vLLM's C++ kernels directly on the CPU (RMSNorm, fused
+add + RMSNorm, SiLU-and-mul, RoPE): vLLM's modules in their native PyTorch forms cost ~10x more
+when run eagerly. Each op finds its layer by name (a string baked into the graph).
 """
 
 from __future__ import annotations
