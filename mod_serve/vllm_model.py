@@ -123,11 +123,12 @@ class MoDLlamaDecoderLayer(LlamaDecoderLayer):
         return idx.clone() if step.crossings is not None else idx  # the step's log keeps its own
 
     def attend(self, q, k, v, idx) -> torch.Tensor:
-        """``mod_serve::routed_attention``: the routed tokens' attention over the compact cache."""
-        step = self.routing_state.step
-        if step is None or idx.numel() == 0:
-            return q.new_zeros(q.shape[0], self.self_attn.attn.num_heads * self.self_attn.attn.head_size_v)
-        return routed_attention(self.self_attn.attn, step, self.routed_slot, idx, q, k, v)
+        """``mod_serve::routed_attention``: the routed tokens' attention over the compact cache
+        (``route`` returns no token outside a real step)."""
+        attn = self.self_attn.attn
+        if idx.numel() == 0:
+            return q.new_empty(0, attn.num_heads * attn.head_size_v)
+        return routed_attention(attn, self.routing_state.step, self.routed_slot, idx, q, k, v)
 
     def _layer(self, positions, hidden_states, step, routed_idx) -> torch.Tensor:
         """layer(h) for the routed tokens only (un-fused residual form: returns the full output)."""
