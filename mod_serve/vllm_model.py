@@ -65,6 +65,7 @@ class MoDLlamaDecoderLayer(LlamaDecoderLayer):
             # A plain float32 Linear: the router is tiny, replicated, and its math is float32.
             self.router = nn.Linear(config.hidden_size, 1, bias=True, dtype=torch.float32)
             make_attention_routed(self.self_attn.attn, self.layer_index)
+            routing_state.attn_names[self.routed_slot] = self.self_attn.attn.layer_name
             self.op_name = register_routed_layer(self, prefix)
         else:
             attn = self.self_attn.attn

@@ -17,7 +17,6 @@ so nothing here depends on a backend's metadata type or KV cache layout.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 
@@ -56,8 +55,10 @@ def _with_builder(backend_cls, builder_cls, tag: str):
 def _cpu_update_block_table(self, metadata, blk_table, slot_mapping):
     """``update_block_table`` for vLLM's CPU builder, as FlashAttention's builder has it: the
     CPU metadata depends on block table and slots only by carrying them (a shallow copy with
-    the two fields set: ``dataclasses.replace`` would run ``__init__`` again)."""
-    metadata = copy.copy(metadata)
+    the two fields set: ``dataclasses.replace`` would run ``__init__`` again, and ``copy.copy``
+    goes through ``__reduce_ex__``)."""
+    shared, metadata = metadata, object.__new__(type(metadata))
+    metadata.__dict__.update(shared.__dict__)
     metadata.block_table = blk_table
     metadata.slot_mapping = slot_mapping
     return metadata
@@ -119,6 +120,40 @@ def make_attention_routed(attn, layer_index: int) -> None:
     attn.attn_backend = routed_backend(attn.attn_backend)
 
 
+@dataclasses.dataclass(slots=True)
+class LayerStep:
+    """One routed layer's per-step constants on the CPU, computed for every routed layer at the
+    step's first routed attention call (one warm loop instead of a dozen lookups and small array
+    operations in each layer between its GEMMs)."""
+
+    builder: object
+    block_table: torch.Tensor  # [num_reqs, blocks] in kernel blocks
+    block_size: int  # the kernel's block size
+    # Decode steps: (slots, compact seq_lens, metadata key) if every request's token is routed
+    # in. A routed token's compact index is then its request's prior count, whatever the others
+    # do, so ``slots[idx]`` are the slots of any routed subset.
+    decode: tuple[torch.Tensor, torch.Tensor, tuple | None] | None
+
+
+def _layer_steps(step: RoutingStep) -> dict[int, LayerStep]:
+    md_of = get_forward_context().attn_metadata
+    out = {}
+    for slot, name in step.attn_names.items():
+        step_md: RoutedStepMetadata = md_of[name]
+        builder = step_md.builder
+        block_table = step_md.common.block_table_tensor[: step.num_reqs]
+        block_size = builder.kv_cache_spec.block_size
+        decode = None
+        if step.is_decode:
+            rows, column, offset, seq_lens = step.decode_host(block_size)
+            slots = block_table.numpy()[rows, column[slot]] * np.int64(block_size) + offset[slot]
+            key = (_share_key(builder), step.num_reqs, step.max_seq_len[slot], seq_lens[slot].numpy().tobytes(), None) \
+                if builder.supports_update_block_table else None
+            decode = (torch.from_numpy(slots), seq_lens[slot], key)
+        out[slot] = LayerStep(builder, block_table, block_size, decode)
+    return out
+
+
 def routed_attention(attn, step: RoutingStep, slot: int, routed_idx: torch.Tensor, q, k, v) -> torch.Tensor:
     """Attention for the routed tokens of one layer over its compact per-request KV cache.
 
@@ -129,21 +164,22 @@ def routed_attention(attn, step: RoutingStep, slot: int, routed_idx: torch.Tenso
     queries and ``prior + new`` tokens per request as context. No host sync: maxima are host-side
     upper bounds.
     """
-    ctx = get_forward_context()
-    name = attn.layer_name
-    step_md: RoutedStepMetadata = ctx.attn_metadata[name]
-    block_table = step_md.common.block_table_tensor[: step.num_reqs]
-    block_size = step_md.builder.kv_cache_spec.block_size  # the kernel's block size
-    builder, n = step_md.builder, routed_idx.numel()
+    n = routed_idx.numel()
     if q.device.type == "cpu":
-        slots, seq_lens, qsl = _compact_host(step, slot, routed_idx, block_table, block_size)
+        layer_steps = step.layer_steps
+        if layer_steps is None:
+            layer_steps = step.layer_steps = _layer_steps(step)
+        ls = layer_steps[slot]
+        builder, block_table = ls.builder, ls.block_table
+        slots, seq_lens, qsl, key = _compact_host(step, slot, routed_idx, ls)
         # Routed layers whose compact sequences agree this step (every layer, when every token is
         # routed in) share one build, as vLLM's full-attention groups do (update_block_table).
-        key = (_share_key(builder), n, step.max_seq_len[slot], seq_lens.numpy().tobytes(),
-               None if qsl is step._all_in_qsl else qsl.numpy().tobytes())
-        shared = step.metadata_memo.get(key) if builder.supports_update_block_table else None
+        shared = step.metadata_memo.get(key) if key is not None else None
     else:
-        slots, seq_lens, qsl = _compact_device(step, slot, routed_idx, block_table, block_size)
+        step_md: RoutedStepMetadata = get_forward_context().attn_metadata[attn.layer_name]
+        builder = step_md.builder
+        block_table = step_md.common.block_table_tensor[: step.num_reqs]
+        slots, seq_lens, qsl = _compact_device(step, slot, routed_idx, block_table, builder.kv_cache_spec.block_size)
         key = shared = None
     if shared is not None:
         metadata = builder.update_block_table(shared, block_table, slots)
@@ -208,27 +244,31 @@ def _compact_device(step: RoutingStep, slot: int, routed_idx, block_table, block
     return slots, (prior + new).to(torch.int32), qsl
 
 
-def _compact_host(step: RoutingStep, slot: int, routed_idx, block_table, block_size: int):
-    """The same in numpy on the CPU (the tensors share memory with the arrays): a handful of
-    array operations instead of a dozen small torch ops per routed layer and step."""
+def _compact_host(step: RoutingStep, slot: int, routed_idx, ls: LayerStep):
+    """(slots, seq_lens, query_start_loc, metadata key or None) in numpy on the CPU (the tensors
+    share memory with the arrays): a handful of array operations instead of a dozen small torch
+    ops per routed layer and step."""
     new = step.new_host[slot]  # this layer's row, filled in place
-    if step.is_decode and routed_idx.shape[0] == step.num_reqs:  # every request's token routed in
-        new[:] = 1
-        rows, column, offset, seq_lens = step.decode_host(block_size)
-        slots = block_table.numpy()[rows, column[slot]] * np.int64(block_size) + offset[slot]
-        return torch.from_numpy(slots), seq_lens[slot], step.all_in_qsl()
-    idx = routed_idx.numpy()
-    prior = step.prior_host[slot]
-    if step.is_decode:
-        rows = idx
-        new[rows] = 1
-        compact = prior[rows]
+    if ls.decode is not None:  # token i is request i's only token: its compact index is prior[i]
+        slots, seq_lens, key = ls.decode
+        if routed_idx.shape[0] == step.num_reqs:  # every request's token routed in
+            new[:] = 1
+            return slots, seq_lens, step.all_in_qsl(), key
+        idx = routed_idx.numpy()
+        new[idx] = 1
+        slots = torch.from_numpy(slots.numpy()[idx])
     else:
+        idx = routed_idx.numpy()
         rows = step.token_req_host[idx]
         new[:] = np.bincount(rows, minlength=step.num_reqs)
         starts = np.cumsum(new) - new
-        compact = prior[rows] + np.arange(idx.size) - starts[rows]
-    slots = block_table.numpy()[rows, compact // block_size].astype(np.int64) * block_size + compact % block_size
+        compact = step.prior_host[slot][rows] + np.arange(idx.size) - starts[rows]
+        bs = ls.block_size
+        slots = torch.from_numpy(ls.block_table.numpy()[rows, compact // bs].astype(np.int64) * bs + compact % bs)
     qsl = np.zeros(step.num_reqs + 1, dtype=np.int32)
     np.cumsum(new, out=qsl[1:])
-    return torch.from_numpy(slots), torch.from_numpy((prior + new).astype(np.int32)), torch.from_numpy(qsl)
+    seq_lens = (step.prior_host[slot] + new).astype(np.int32)
+    key = None
+    if ls.builder.supports_update_block_table:
+        key = (_share_key(ls.builder), idx.size, step.max_seq_len[slot], seq_lens.tobytes(), qsl.tobytes())
+    return slots, torch.from_numpy(seq_lens), torch.from_numpy(qsl), key

@@ -56,6 +56,8 @@ class RoutingStep:
     new_host: np.ndarray | None = None  # on the CPU: ``new``'s memory as an array
     routed_log: list = dataclasses.field(default_factory=list)
     metadata_memo: dict = dataclasses.field(default_factory=dict)  # compact attention metadata by content
+    attn_names: dict = dataclasses.field(default_factory=dict)  # routed slot -> its Attention's layer name
+    layer_steps: dict | None = None  # routed slot -> its constants this step (``attention.LayerStep``, CPU)
     _all_in_qsl: torch.Tensor | None = None
     _decode_host: tuple | None = None
 
@@ -109,6 +111,7 @@ class RoutingState:
         self.totals_routed = np.zeros(len(self.routed_layers), dtype=np.int64)
         self.totals_tokens = 0
         self.step: RoutingStep | None = None  # the step being run, None outside a real step
+        self.attn_names: dict[int, str] = {}  # routed slot -> layer name of its Attention (set by the model)
         # Prefix caching (set by the worker when it is on): block size of the hash boundaries
         # at which routed counts are reported, and those reports ({req: [(N, {layer: r})]}).
         self.boundary_block_size: int | None = None
@@ -192,6 +195,7 @@ class RoutingState:
             is_decode=int(qsl[-1]) == num_reqs,
             max_seq_len=(prior.max(axis=1) + int(lengths.max())).tolist(),
             crossings=self._crossings(computed, lengths, qsl),
+            attn_names=self.attn_names,
         )
         return self.step
 
