@@ -108,6 +108,7 @@ class RoutingState:
         self.group_of_layer: dict[int, int] = {}
         self.pending_report: dict[str, tuple[int, dict[int, int]]] = {}
         self._trim: np.ndarray | None = None  # routed totals [layers, rows] of the step just run
+        self._rows_of: tuple | None = None  # (input batch, its routed tables' blocks-per-row arrays)
         self.totals_routed = np.zeros(len(self.routed_layers), dtype=np.int64)
         self.totals_tokens = 0
         self.step: RoutingStep | None = None  # the step being run, None outside a real step
@@ -263,11 +264,18 @@ class RoutingState:
         totals, self._trim = self._trim, None
         if totals is None:
             return
+        num_rows = totals.shape[1]
+        for j, (rows, block_size) in enumerate(self._block_rows()):
+            np.minimum(rows[:num_rows], -(-totals[j] // block_size), out=rows[:num_rows])
+
+    def _block_rows(self) -> list[tuple[np.ndarray, int]]:
+        """Per routed layer (in slot order): its block table's blocks-per-row array and block size,
+        looked up once per input batch."""
         batch = self.runner.input_batch
-        for j, layer in enumerate(self.routed_layers):
-            table = batch.block_table[self.group_of_layer[layer]]
-            rows = table.num_blocks_per_row[: totals.shape[1]]
-            np.minimum(rows, -(-totals[j] // table.block_size), out=rows)
+        if self._rows_of is None or self._rows_of[0] is not batch:
+            tables = [batch.block_table[self.group_of_layer[layer]] for layer in self.routed_layers]
+            self._rows_of = (batch, [(t.num_blocks_per_row, t.block_size) for t in tables])
+        return self._rows_of[1]
 
     def stats(self) -> dict:
         """Routing totals since start-up and the KV blocks that routed layers hold right now,
