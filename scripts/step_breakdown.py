@@ -65,6 +65,10 @@ def instrument() -> None:
         wrap(RoutingState, name, "routing bookkeeping")
     wrap(CPUAttentionBackendImpl, "forward", "attention")
     wrap(CPUAttentionBackendImpl, "do_kv_cache_update", "attention")
+    from mod_serve.vllm_internals import attention
+
+    if hasattr(attention, "CpuAttentionKernels"):  # routed layers call the same two C++ kernels directly
+        wrap(attention.CpuAttentionKernels, "__call__", "attention")
     wrap(vm, "routed_attention", "routed attention call")
     if hasattr(vm.MoDLlamaDecoderLayer, "run_routed_graph"):
         # compiled plugin: the router's GEMM and sigmoid are graph ops; its eager part is the

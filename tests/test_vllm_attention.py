@@ -39,14 +39,31 @@ def recorded(tmp_path_factory):
         with inproc_llm(str(model_dir), skip_tokenizer_init=True, max_model_len=512, max_num_batched_tokens=64,
                         enable_chunked_prefill=True) as llm:
             llm.generate([{"prompt_token_ids": p} for p in random_prompts()], greedy(MAX_TOKENS))
-            vllm_config = worker(llm).model_runner.vllm_config
+            runner = worker(llm).model_runner
+            vllm_config = runner.vllm_config
+            kernels = [(m.mod_cpu_kernels, m.kv_cache) for m in runner.model.modules() if hasattr(m, "mod_cpu_kernels")]
     finally:
         builder_cls.build_compact = original
-    return calls, vllm_config
+    return calls, vllm_config, kernels
+
+
+def test_routed_layers_call_the_cpu_kernels_on_their_own_caches(recorded):
+    """On the CPU each routed layer binds vLLM's two attention kernels once (CpuAttentionKernels)
+    to views of its own KV cache; the tokens this path produces are checked in test_vllm_plugin."""
+    from mod_serve.vllm_internals.attention import CpuAttentionKernels
+
+    kernels = recorded[2]
+    assert len(kernels) == 4  # routed layers 0, 2, 3, 5
+    for bound, kv_cache in kernels:
+        assert isinstance(bound, CpuAttentionKernels) and bound.kv_cache is kv_cache
+        for view in (bound.key_cache, bound.value_cache):
+            assert view.untyped_storage().data_ptr() == kv_cache.untyped_storage().data_ptr()
+        assert bound.key_cache.shape == bound.value_cache.shape
+        assert bound.key_cache.shape[2] == kv_cache.shape[2]  # block size: K and V halves of each block
 
 
 def test_compact_metadata_is_consistent(recorded):
-    calls, _ = recorded
+    calls, _, _ = recorded
     assert len(calls) > 20
     prefill_chunks = 0
     for spec, cm, md in calls:
@@ -75,7 +92,7 @@ def test_flash_attention_builder_accepts_the_compact_metadata(recorded):
 
     from mod_serve.vllm_internals import routed_backend
 
-    calls, vllm_config = recorded
+    calls, vllm_config, _ = recorded
     backend = routed_backend(FlashAttentionBackend)
     assert issubclass(backend, FlashAttentionBackend)
     builders = {}

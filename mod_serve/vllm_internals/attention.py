@@ -118,6 +118,7 @@ def make_attention_routed(attn, layer_index: int) -> None:
     attn.get_kv_cache_spec = get_kv_cache_spec
     attn.routed_layer_index = layer_index
     attn.attn_backend = routed_backend(attn.attn_backend)
+    attn.mod_cpu_kernels = None  # bound at the first routed attention call (CpuAttentionKernels)
 
 
 @dataclasses.dataclass(slots=True)
@@ -129,10 +130,11 @@ class LayerStep:
     builder: object
     block_table: torch.Tensor  # [num_reqs, blocks] in kernel blocks
     block_size: int  # the kernel's block size
-    # Decode steps: (slots, compact seq_lens, metadata key) if every request's token is routed
-    # in. A routed token's compact index is then its request's prior count, whatever the others
-    # do, so ``slots[idx]`` are the slots of any routed subset.
-    decode: tuple[torch.Tensor, torch.Tensor, tuple | None] | None
+    # Decode steps: the slots if every request's token is routed in. A routed token's compact
+    # index is then its request's prior count, whatever the other requests do, so ``slots[idx]``
+    # are the slots of any routed subset. The all-in metadata is built at first use.
+    decode_slots: torch.Tensor | None = None
+    decode_metadata: object = None
 
 
 def _layer_steps(step: RoutingStep) -> dict[int, LayerStep]:
@@ -141,17 +143,42 @@ def _layer_steps(step: RoutingStep) -> dict[int, LayerStep]:
     for slot, name in step.attn_names.items():
         step_md: RoutedStepMetadata = md_of[name]
         builder = step_md.builder
-        block_table = step_md.common.block_table_tensor[: step.num_reqs]
-        block_size = builder.kv_cache_spec.block_size
-        decode = None
+        ls = out[slot] = LayerStep(builder, step_md.common.block_table_tensor[: step.num_reqs],
+                                   builder.kv_cache_spec.block_size)
         if step.is_decode:
-            rows, column, offset, seq_lens = step.decode_host(block_size)
-            slots = block_table.numpy()[rows, column[slot]] * np.int64(block_size) + offset[slot]
-            key = (_share_key(builder), step.num_reqs, step.max_seq_len[slot], seq_lens[slot].numpy().tobytes(), None) \
-                if builder.supports_update_block_table else None
-            decode = (torch.from_numpy(slots), seq_lens[slot], key)
-        out[slot] = LayerStep(builder, block_table, block_size, decode)
+            rows, column, offset, _ = step.decode_host(ls.block_size)
+            ls.decode_slots = torch.from_numpy(ls.block_table.numpy()[rows, column[slot]] * np.int64(ls.block_size)
+                                               + offset[slot])
     return out
+
+
+def _metadata(step: RoutingStep, slot: int, ls: LayerStep, n: int, slots, seq_lens, qsl, key: tuple | None):
+    """The compact metadata of a routed layer. Routed layers whose compact sequences agree this
+    step (every layer, when every token is routed in) share one build, as vLLM's full-attention
+    groups do (``update_block_table``); ``key`` is the compact sequences' content."""
+    builder = ls.builder
+    if key is not None and builder.supports_update_block_table:
+        key = (_share_key(builder), *key)
+        shared = step.metadata_memo.get(key)
+        if shared is not None:
+            return builder.update_block_table(shared, ls.block_table, slots)
+    else:
+        key = None
+    metadata = builder.build_compact(CommonAttentionMetadata(
+        query_start_loc=qsl,
+        query_start_loc_cpu=qsl if qsl.device.type == "cpu" else qsl.to("cpu", non_blocking=True),
+        seq_lens=seq_lens,
+        num_reqs=step.num_reqs,
+        num_actual_tokens=n,
+        max_query_len=step.max_query_len,
+        max_seq_len=step.max_seq_len[slot],
+        block_table_tensor=ls.block_table,
+        slot_mapping=slots,
+        causal=True,
+    ))
+    if key is not None:
+        step.metadata_memo[key] = metadata
+    return metadata
 
 
 def routed_attention(attn, step: RoutingStep, slot: int, routed_idx: torch.Tensor, q, k, v) -> torch.Tensor:
@@ -165,39 +192,24 @@ def routed_attention(attn, step: RoutingStep, slot: int, routed_idx: torch.Tenso
     upper bounds.
     """
     n = routed_idx.numel()
+    out = torch.empty(n, attn.num_heads, attn.head_size_v, dtype=q.dtype, device=q.device)
     if q.device.type == "cpu":
         layer_steps = step.layer_steps
         if layer_steps is None:
             layer_steps = step.layer_steps = _layer_steps(step)
-        ls = layer_steps[slot]
-        builder, block_table = ls.builder, ls.block_table
-        slots, seq_lens, qsl, key = _compact_host(step, slot, routed_idx, ls)
-        # Routed layers whose compact sequences agree this step (every layer, when every token is
-        # routed in) share one build, as vLLM's full-attention groups do (update_block_table).
-        shared = step.metadata_memo.get(key) if key is not None else None
+        slots, metadata = _compact_host(step, slot, routed_idx, layer_steps[slot])
+        kernels = attn.mod_cpu_kernels
+        if kernels is None or (kernels and kernels.kv_cache is not attn.kv_cache):
+            kernels = attn.mod_cpu_kernels = CpuAttentionKernels.bind(attn)
+        if kernels:
+            kernels(q, k, v, slots, metadata, out)
+            return out.view(n, attn.num_heads * attn.head_size_v)
     else:
         step_md: RoutedStepMetadata = get_forward_context().attn_metadata[attn.layer_name]
-        builder = step_md.builder
-        block_table = step_md.common.block_table_tensor[: step.num_reqs]
-        slots, seq_lens, qsl = _compact_device(step, slot, routed_idx, block_table, builder.kv_cache_spec.block_size)
-        key = shared = None
-    if shared is not None:
-        metadata = builder.update_block_table(shared, block_table, slots)
-    else:
-        metadata = builder.build_compact(CommonAttentionMetadata(
-            query_start_loc=qsl,
-            query_start_loc_cpu=qsl if qsl.device.type == "cpu" else qsl.to("cpu", non_blocking=True),
-            seq_lens=seq_lens,
-            num_reqs=step.num_reqs,
-            num_actual_tokens=n,
-            max_query_len=step.max_query_len,
-            max_seq_len=step.max_seq_len[slot],
-            block_table_tensor=block_table,
-            slot_mapping=slots,
-            causal=True,
-        ))
-        if key is not None:
-            step.metadata_memo[key] = metadata
+        ls = LayerStep(step_md.builder, step_md.common.block_table_tensor[: step.num_reqs],
+                       step_md.builder.kv_cache_spec.block_size, None)
+        slots, seq_lens, qsl = _compact_device(step, slot, routed_idx, ls.block_table, ls.block_size)
+        metadata = _metadata(step, slot, ls, n, slots, seq_lens, qsl, None)
     # What Attention.forward does (shape views, the backend's cache write unless its kernel writes
     # the cache itself, the backend's kernel), minus its custom-op dispatch and forward-context
     # lookups (~100 us per call here); make_attention_routed checked that no query quantisation
@@ -208,9 +220,52 @@ def routed_attention(attn, step: RoutingStep, slot: int, routed_idx: torch.Tenso
     v = v.view(n, attn.num_kv_heads, attn.head_size_v)
     if not attn.attn_backend.forward_includes_kv_cache_update:
         impl.do_kv_cache_update(attn, k, v, attn.kv_cache, slots)
-    out = torch.empty(n, attn.num_heads, attn.head_size_v, dtype=q.dtype, device=q.device)
     impl.forward(attn, q, k, v, attn.kv_cache, metadata, output=out)
     return out.view(n, attn.num_heads * attn.head_size_v)
+
+
+class CpuAttentionKernels:
+    """vLLM's CPU attention for one routed layer (``CPUAttentionBackendImpl.do_kv_cache_update``
+    then ``forward``, decoder self-attention) as its two C++ kernels with the layer's constant
+    arguments bound once: the same kernels and arguments, without ~20 Python operations per call
+    (~50 us each time here, once a layer's weights have streamed through the caches).
+    ``bind`` returns False where the layer's impl is not exactly that case (another backend,
+    attention sinks in a dtype the impl would convert); the layer remembers it and calls the impl
+    as ``Attention.forward`` would. It binds again if the layer's KV cache tensor is replaced."""
+
+    @classmethod
+    def bind(cls, attn):
+        from vllm.v1.attention.backend import AttentionType
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+        impl = attn.impl
+        if (type(impl) is not CPUAttentionBackendImpl or impl.attn_type != AttentionType.DECODER
+                or (impl.sinks is not None and impl.sinks.dtype not in (torch.bfloat16, torch.float32))):
+            return False
+        return cls(attn)
+
+    def __init__(self, attn):
+        impl = attn.impl
+        self.kv_cache = attn.kv_cache
+        num_blocks, num_kv_heads, block_size, _ = self.kv_cache.size()
+        kv = self.kv_cache.view((num_blocks, num_kv_heads, block_size * 2, -1))
+        self.key_cache, self.value_cache = kv.chunk(2, dim=2)
+        self.shape = (attn.num_heads, attn.head_size), (attn.num_kv_heads, attn.head_size), (attn.num_kv_heads, attn.head_size_v)
+        self.isa, self.k_scale, self.v_scale = attn.isa, attn._k_scale_float, attn._v_scale_float
+        self.dtype, self.scale, self.alibi_slopes = impl.kv_cache_dtype, impl.scale, impl.alibi_slopes
+        self.sliding_window, self.softcap, self.sinks = impl.sliding_window, impl.logits_soft_cap, impl.sinks
+
+    def __call__(self, q, k, v, slots, metadata, out) -> None:
+        n = q.shape[0]
+        (hq, dq), (hk, dk), (hv, dv) = self.shape
+        k, v = k.view(n, hk, dk), v.view(n, hv, dv)
+        torch.ops._C.cpu_attn_reshape_and_cache(k, v, self.key_cache, self.value_cache, slots, self.isa,
+                                                self.k_scale, self.v_scale, self.dtype)
+        torch.ops._C.cpu_attention_with_kv_cache(
+            q.view(n, hq, dq), self.key_cache, self.value_cache, out, metadata.query_start_loc,
+            metadata.seq_lens, self.scale, metadata.causal, self.alibi_slopes, self.sliding_window,
+            metadata.block_table, self.softcap, metadata.scheduler_metadata, self.sinks,
+            metadata.dynamic_causal, self.k_scale, self.v_scale, self.dtype)
 
 
 def _share_key(builder):
@@ -245,15 +300,20 @@ def _compact_device(step: RoutingStep, slot: int, routed_idx, block_table, block
 
 
 def _compact_host(step: RoutingStep, slot: int, routed_idx, ls: LayerStep):
-    """(slots, seq_lens, query_start_loc, metadata key or None) in numpy on the CPU (the tensors
-    share memory with the arrays): a handful of array operations instead of a dozen small torch
-    ops per routed layer and step."""
+    """(slots, compact metadata) of the routed tokens, compacted in numpy on the CPU (the
+    tensors share memory with the arrays): a handful of array operations instead of a dozen
+    small torch ops per routed layer and step."""
     new = step.new_host[slot]  # this layer's row, filled in place
-    if ls.decode is not None:  # token i is request i's only token: its compact index is prior[i]
-        slots, seq_lens, key = ls.decode
-        if routed_idx.shape[0] == step.num_reqs:  # every request's token routed in
+    n = routed_idx.shape[0]
+    slots = ls.decode_slots
+    if slots is not None:  # token i is request i's only token: its compact index is prior[i]
+        if n == step.num_reqs:  # every request's token routed in
             new[:] = 1
-            return slots, seq_lens, step.all_in_qsl(), key
+            if ls.decode_metadata is None:
+                seq_lens = step.decode_host(ls.block_size)[3][slot]
+                key = (n, step.max_seq_len[slot], seq_lens.numpy().tobytes(), None)
+                ls.decode_metadata = _metadata(step, slot, ls, n, slots, seq_lens, step.all_in_qsl(), key)
+            return slots, ls.decode_metadata
         idx = routed_idx.numpy()
         new[idx] = 1
         slots = torch.from_numpy(slots.numpy()[idx])
@@ -268,7 +328,5 @@ def _compact_host(step: RoutingStep, slot: int, routed_idx, ls: LayerStep):
     qsl = np.zeros(step.num_reqs + 1, dtype=np.int32)
     np.cumsum(new, out=qsl[1:])
     seq_lens = (step.prior_host[slot] + new).astype(np.int32)
-    key = None
-    if ls.builder.supports_update_block_table:
-        key = (_share_key(ls.builder), idx.size, step.max_seq_len[slot], seq_lens.tobytes(), qsl.tobytes())
-    return slots, torch.from_numpy(seq_lens), torch.from_numpy(qsl), key
+    key = (n, step.max_seq_len[slot], seq_lens.tobytes(), qsl.tobytes())
+    return slots, _metadata(step, slot, ls, n, slots, torch.from_numpy(seq_lens), torch.from_numpy(qsl), key)
