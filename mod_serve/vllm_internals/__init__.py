@@ -21,7 +21,8 @@ One module per vLLM seam:
   attaches the reports to the step output;
 * ``routing``: the worker-side per-request routed counts and per-step constants;
 * ``attention``: the backend-generic routed attention call (compact metadata through the
-  layer's own backend builder, then the backend impl's cache write and kernel);
+  layer's own backend builder, then the backend impl's cache write and kernel; on the CPU, vLLM's
+  two CPU attention kernels called with the layer's constant arguments bound once);
 * ``routed_op``: the compile seam, the custom ops a routed layer runs eagerly inside vLLM's
   compiled graph (``route``, ``routed_attention``) or, with ``enforce_eager``, as a whole
   (``routed_layer``).

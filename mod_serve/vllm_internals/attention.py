@@ -12,7 +12,9 @@ A routed layer's ``Attention`` keeps its backend impl and KV cache; only two thi
 Then the layer's backend impl runs with that metadata, as ``Attention.forward`` would run it: its
 cache write (``do_kv_cache_update``, unless the backend's kernel writes the cache itself) and its
 kernel (``impl.forward``), on the layer's own KV cache (CPU_ATTN on CPU, FlashAttention on CUDA),
-so nothing here depends on a backend's metadata type or KV cache layout.
+so nothing here depends on a backend's metadata type or KV cache layout. One exception, for speed:
+with vLLM's CPU impl (decoder self-attention) the same two C++ kernels are called directly with
+the layer's constant arguments bound once (``CpuAttentionKernels``); any other impl runs as above.
 """
 
 from __future__ import annotations
