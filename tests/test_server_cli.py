@@ -70,9 +70,9 @@ def test_mod_threshold_override_keeps_the_rest_of_the_mod_config(default_model_d
 
 MAX_NUM_SEQS, MAX_WAITING = 2, 1
 # The drain test's timeout: long enough that a slow or briefly stalled machine still finds the
-# server draining when it checks, short against its long stream (2000 tokens, ~40 s or more).
-DRAIN_S = 20
-SHORT_TOKENS = 100  # the drain test's stream that finishes inside the drain (a few s)
+# server draining when it checks, short against its long stream (2000 tokens, ~80 s here at 41 ms a token).
+DRAIN_S = 30
+SHORT_TOKENS = 150  # the drain test's stream that finishes inside the drain (~6 s, twice that on a loaded box)
 LONG_TOKENS = 2000  # + the 5 prompt tokens of _long_body: inside the servers' --max-model-len 2048
 needs_plugin = pytest.mark.skipif(not plugin_available(), reason="the default model is MoD: needs the vLLM plugin")
 
@@ -256,13 +256,15 @@ def test_sigterm_drains_then_exits(draining_server):
     short, long = {}, {}
     short_first, long_first = threading.Event(), threading.Event()
     threads = [
-        threading.Thread(target=_read_stream, args=(srv.base, _long_body(model, SHORT_TOKENS), short_first, short)),
         threading.Thread(target=_read_stream, args=(srv.base, _long_body(model), long_first, long)),
+        threading.Thread(target=_read_stream, args=(srv.base, _long_body(model, SHORT_TOKENS), short_first, short)),
     ]
     _wait_engine_idle(srv)
-    for t in threads:
+    # the long stream first, the short one once the long one streams: the short stream's whole
+    # life (SHORT_TOKENS tokens) is then the window for the check below and the SIGTERM (started
+    # together, CI once saw the short stream end before the long one's first event was seen)
+    for t, (name, first) in zip(threads, (("long", long_first), ("short", short_first))):
         t.start()
-    for name, first in (("short", short_first), ("long", long_first)):
         if not first.wait(120):  # a first token takes < 1 s here; say what the engine was doing
             pytest.fail(f"no first event of the {name} stream in 120 s: {_engine_counts(srv)}\n{srv.log_tail()}")
     for name, result in (("short", short), ("long", long)):  # both streaming, neither done

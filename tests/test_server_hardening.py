@@ -295,6 +295,9 @@ def counter(m: dict[str, float], name: str, label: str, value: str) -> float:
     return m.get(f"{name}{{{label}={value}}}", 0.0)
 
 
+ABORTED = "mod_serve_requests_aborted_total{reason=client_disconnect}"
+
+
 GREEDY = {"messages": [{"role": "user", "content": "Name three primary colours."}], "max_tokens": 12, "temperature": 0}
 
 
@@ -504,11 +507,15 @@ def test_fuzz_one_keepalive_connection(server, model):
 SOAK_STREAMS, SOAK_ROUNDS = 64, 3
 
 
+SOAK_DROP_TOKENS = MAX_MODEL_LEN - 64  # (prompts, the chat template's included, are < 64 tokens)
+
+
 async def soak_stream(http: httpx.AsyncClient, model: str, i: int) -> tuple[int, bool, list[str]]:
     """Stream ``i``: chat or completion; every fourth is dropped after three events (it asked for
-    300 tokens, so it cannot have finished), the others read to the end (8 tokens)."""
+    SOAK_DROP_TOKENS tokens, to the end of the context, so it cannot have finished: ~10 s of decode
+    at the soak's batch here), the others read to the end (8 tokens)."""
     drop = i % 4 == 0
-    body = {"model": model, "max_tokens": 300 if drop else 8, "stream": True, "ignore_eos": drop}
+    body = {"model": model, "max_tokens": SOAK_DROP_TOKENS if drop else 8, "stream": True, "ignore_eos": drop}
     if i % 2:
         path, body["prompt"] = CMPL, f"Fact number {i}:"
     else:
@@ -532,7 +539,9 @@ def test_soak_streams_dropped_midstream_leak_nothing(server, model):
         async with httpx.AsyncClient(base_url=server.base, headers=AUTH, timeout=120, limits=limits) as http:
             return await asyncio.gather(*(soak_stream(http, model, i) for i in range(SOAK_STREAMS)))
 
+    log_path = Path(server.log.name)
     for n in range(SOAK_ROUNDS):
+        log_start = log_path.stat().st_size
         started = time.time()
         results = asyncio.run(one_round())
         took = time.time() - started
@@ -547,6 +556,16 @@ def test_soak_streams_dropped_midstream_leak_nothing(server, model):
         print(f"soak round {n + 1}: {SOAK_STREAMS} streams in {took:.1f} s; free/total blocks "
               f"{m.get('mod_free_kv_blocks')}/{m.get('mod_total_kv_blocks')}, running {m['vllm:num_requests_running']}")  # fmt: skip
         assert_all_blocks_back(m)
+        # every dropped stream counted as aborted by its client, once its exchange has ended (the
+        # engine can be idle a moment before the HTTP side has accounted the last abort)
+        want = before.get(ABORTED, 0) + (n + 1) * SOAK_STREAMS // 4
+        deadline = time.time() + 30
+        while (got := metrics(server.base).get(ABORTED, 0)) < want and time.time() < deadline:
+            time.sleep(0.2)
+        if got != want:
+            lines = re.findall(r'^.*"POST /v1/\S+" (?:aborted|\d{3}) .*$', log_path.read_text()[log_start:], re.M)
+            pytest.fail(f"round {n + 1}: {got - want:+.0f} client_disconnect aborts against the dropped streams; "
+                        f"the round's access log:\n" + "\n".join(lines))  # fmt: skip
     after = metrics(server.base)
     delta = {k: after[k] - before.get(k, 0) for k in after if k.startswith("mod_serve_")}
     assert counter(delta, "mod_serve_requests_aborted_total", "reason", "client_disconnect") == SOAK_ROUNDS * SOAK_STREAMS // 4
