@@ -10,7 +10,8 @@ Three models share the engine settings, the prompts and the machine:
 * ``mod``: the MoD model under test (default: routers calibrated so that ``--routed-fraction`` of
   the tokens are routed into every routed layer).
 
-Measured from vLLM itself, with the engine core in-process: KV blocks the scheduler's managers
+Measured from vLLM itself, with the engine cores in-process (every model's engine up at once, the
+cases interleaved across models and repeated; medians): KV blocks the scheduler's managers
 hold per request after prefill (bytes per token), routed fraction per layer, the largest number of
 requests of one length that run at once under one KV budget, and TTFT / TPOT at several prompt
 lengths and batch sizes. Writes a markdown table and a PNG plot.
@@ -192,7 +193,25 @@ def make_models(work: Path, routed_fraction: float, mod_dir: str | None, dtype: 
             "default": str(prepare_default_model())}
 
 
+def median_of_repeats(runs: list[dict]) -> dict:
+    """One case's result from its repeats: the median TTFT and TPOT (each repeat's own figures are
+    means over its requests), their range, and the KV bytes per token (the same in every repeat)."""
+    out = {"repeats": runs}
+    for key in ("ttft_s", "tpot_s"):
+        values = [r[key] for r in runs]
+        out[key] = statistics.median(values)
+        out[f"{key}_range"] = (min(values), max(values))
+    out["kv_bytes_per_token"] = runs[0]["kv_bytes_per_token"]
+    return out
+
+
 def run(args) -> dict:
+    """Every model's timing engine is up at once and the cases are interleaved: each repeat of a
+    case runs every model once, in alternating order, so that dense and MoD are measured seconds
+    apart (this shared 2-core machine drifts by 5-10 % over the minutes a model takes), and a
+    case's figures are the median of its repeats."""
+    import contextlib
+
     from transformers import AutoTokenizer
 
     work = Path(args.work_dir)
@@ -207,23 +226,34 @@ def run(args) -> dict:
 
     results: dict = {"models": models, "args": vars(args), "timing": {}, "kv": {}, "concurrency": {}, "routing": {},
                      "threads": torch.get_num_threads()}
-    for name, path in models.items():
-        _log(f"{name}: timing runs ({path})")
-        eager = name == "dense-eager"
-        with engine(path, args.kv_gib << 30, max_len, args.dtype, eager=eager) as llm:
-            timed_run(llm, prompts_of(corpus, 128, 2), 4, f"{name}-warmup")
-            for length in args.lengths:
-                for batch in args.batches:
-                    r = timed_run(llm, prompts_of(corpus, length, batch), args.decode_tokens, f"{name}-{length}-{batch}")
-                    results["timing"][f"{name}|{length}|{batch}"] = r
-                    _log(f"  L={length} B={batch}: TTFT {r['ttft_s']:.3f}s TPOT {1000 * r['tpot_s']:.1f}ms "
-                         f"KV {r['kv_bytes_per_token']:.0f} B/token")
+    with contextlib.ExitStack() as stack:
+        llms = {}
+        for name, path in models.items():
+            _log(f"{name}: engine up ({path})")
+            llms[name] = stack.enter_context(engine(path, args.kv_gib << 30, max_len, args.dtype,
+                                                    eager=name == "dense-eager"))
+            timed_run(llms[name], prompts_of(corpus, 128, 2), 4, f"{name}-warmup")
+        for length in args.lengths:
+            for batch in args.batches:
+                prompts = prompts_of(corpus, length, batch)
+                runs: dict[str, list] = {name: [] for name in llms}
+                for rep in range(args.repeats):
+                    for name in (list(llms) if rep % 2 == 0 else list(reversed(llms))):
+                        runs[name].append(timed_run(llms[name], prompts, args.decode_tokens, f"{name}-{length}-{batch}-{rep}"))
+                for name, reps in runs.items():
+                    r = results["timing"][f"{name}|{length}|{batch}"] = median_of_repeats(reps)
+                    tpots = ", ".join(f"{1000 * x['tpot_s']:.1f}" for x in reps)
+                    _log(f"  {name} L={length} B={batch}: TTFT {r['ttft_s']:.3f}s TPOT {1000 * r['tpot_s']:.1f}ms "
+                         f"({tpots}) KV {r['kv_bytes_per_token']:.0f} B/token")
+        for name, llm in llms.items():
             stats = llm.collective_rpc("mod_kv_stats")[0] if not name.startswith("dense") else {}
             results["routing"][name] = stats.get("routed_fraction", {})
-        if eager:
+    for name, path in models.items():
+        if name == "dense-eager":
             continue  # same KV footprint as dense
         _log(f"{name}: concurrency under a {args.budget_mib} MiB KV budget")
-        with engine(path, args.budget_mib << 20, max_len, args.dtype, max_num_seqs=256) as llm:
+        # a count of the scheduler's, the same compiled or not: eager spares a compile per model
+        with engine(path, args.budget_mib << 20, max_len, args.dtype, max_num_seqs=256, eager=True) as llm:
             conc_prompts = prompts_of(corpus, args.concurrency_length, args.concurrency_requests)
             results["concurrency"][name] = peak_concurrency(llm, conc_prompts, args.decode_tokens)
             _log(f"  peak running requests of {args.concurrency_length} tokens: {results['concurrency'][name]}")
@@ -243,12 +273,17 @@ def report(results: dict, out_dir: Path) -> str:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(results["models"]["dense"])
-    lines = ["## Latency (mean per request; ratio = dense / model, > 1 is faster than dense)", "",
+    repeats = args.get("repeats", 1)
+    lines = ["## Latency (ratio = dense / model, > 1 is faster than dense)", "",
              f"{results.get('threads', '?')} OpenMP thread(s) per engine, as `mod-serve serve` runs its worker here. "
+             f"Every model's engine up at once; each case ran {repeats} time(s) per model, interleaved across the "
+             "models (dense and MoD seconds apart); TTFT and TPOT are the median of those repeats, each repeat's "
+             "figure the mean over its requests; `TPOT min-max`: the repeats' range. "
              "`ideal`: dense MACs / MoD MACs at the measured routed fractions (zero routing overhead, compact "
              "attention; `ideal_speedup`), `of ideal`: measured ratio / ideal ratio.", ""]
-    lines.append("| prompt | batch | model | TTFT s | TPOT ms | TTFT ratio | ideal | of ideal | TPOT ratio | ideal | of ideal |")
-    lines.append("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("| prompt | batch | model | TTFT s | TPOT ms | TPOT min-max | TTFT ratio | ideal | of ideal "
+                 "| TPOT ratio | ideal | of ideal |")
+    lines.append("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for length in args["lengths"]:
         for batch in args["batches"]:
             d = timing[f"dense|{length}|{batch}"]
@@ -258,8 +293,10 @@ def report(results: dict, out_dir: Path) -> str:
                 i_ttft = ideal_speedup(config, routed, length / 2, 1 / length)
                 i_tpot = ideal_speedup(config, routed, length + args["decode_tokens"] / 2)
                 ttft, tpot = d["ttft_s"] / r["ttft_s"], d["tpot_s"] / r["tpot_s"]
+                lo, hi = r.get("tpot_s_range", (r["tpot_s"], r["tpot_s"]))
                 lines.append(
                     f"| {length} | {batch} | {name} | {r['ttft_s']:.3f} | {1000 * r['tpot_s']:.1f} | "
+                    f"{1000 * lo:.1f}-{1000 * hi:.1f} | "
                     f"{ttft:.2f} | {i_ttft:.2f} | {ttft / i_ttft:.2f} | {tpot:.2f} | {i_tpot:.2f} | {tpot / i_tpot:.2f} |"
                 )
     lines += ["", "## KV memory", ""]
@@ -400,7 +437,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 where the CPU has "
                    "AVX-512 BF16, else float32 (without it vLLM's bf16 GEMMs fall back from oneDNN to slow PyTorch)")
-    p.add_argument("--kv-gib", type=int, default=4, help="KV cache for the timing runs (GiB)")
+    p.add_argument("--kv-gib", type=int, default=2, help="KV cache of each model's timing engine (GiB; every "
+                   "model's engine is up at once)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each case per model, interleaved across the "
+                   "models; the table gives the median")
     p.add_argument("--budget-mib", type=int, default=256, help="KV budget for the concurrency run (MiB)")
     p.add_argument("--concurrency-length", type=int, default=1024)
     p.add_argument("--concurrency-requests", type=int, default=48)
@@ -421,6 +461,8 @@ def main(argv: list[str]) -> int:
         p.error("--lengths and --batches take comma-separated integers")
     if not 0 < args.routed_fraction <= 1:
         p.error("--routed-fraction must be in (0, 1]")
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     if 1 not in args.batches:
         p.error("--batches must include 1 (KV bytes per token are read from the batch-1 runs)")
     args.models = args.models.split(",")
