@@ -206,10 +206,10 @@ def median_of_repeats(runs: list[dict]) -> dict:
 
 
 def run(args) -> dict:
-    """Every model's timing engine is up at once and the cases are interleaved: each repeat of a
+    """Every model's timing engine is up at once and the cases are interleaved: each round of a
     case runs every model once, in alternating order, so that dense and MoD are measured seconds
-    apart (this shared 2-core machine drifts by 5-10 % over the minutes a model takes), and a
-    case's figures are the median of its repeats."""
+    apart (this shared 2-core machine drifts by 5-10 % within minutes), and a case's figures are
+    the median of its rounds (``--repeats``, fewer once a case has taken ``--case-seconds``)."""
     import contextlib
 
     from transformers import AutoTokenizer
@@ -237,7 +237,10 @@ def run(args) -> dict:
             for batch in args.batches:
                 prompts = prompts_of(corpus, length, batch)
                 runs: dict[str, list] = {name: [] for name in llms}
+                started = time.perf_counter()
                 for rep in range(args.repeats):
+                    if rep and time.perf_counter() - started > args.case_seconds:
+                        break  # long cases (a 2048x8 prefill takes a minute per model) run fewer rounds
                     for name in (list(llms) if rep % 2 == 0 else list(reversed(llms))):
                         runs[name].append(timed_run(llms[name], prompts, args.decode_tokens, f"{name}-{length}-{batch}-{rep}"))
                 for name, reps in runs.items():
@@ -276,14 +279,15 @@ def report(results: dict, out_dir: Path) -> str:
     repeats = args.get("repeats", 1)
     lines = ["## Latency (ratio = dense / model, > 1 is faster than dense)", "",
              f"{results.get('threads', '?')} OpenMP thread(s) per engine, as `mod-serve serve` runs its worker here. "
-             f"Every model's engine up at once; each case ran {repeats} time(s) per model, interleaved across the "
-             "models (dense and MoD seconds apart); TTFT and TPOT are the median of those repeats, each repeat's "
-             "figure the mean over its requests; `TPOT min-max`: the repeats' range. "
+             f"Every model's engine up at once; each case ran in rounds (up to {repeats}, none started after "
+             f"{args.get('case_seconds', 0):.0f} s; column `n`), a round running every model once in alternating "
+             "order (dense and MoD seconds apart); TTFT and TPOT are the median over the rounds, each round's "
+             "figure the mean over its requests; `TPOT min-max`: the rounds' range. "
              "`ideal`: dense MACs / MoD MACs at the measured routed fractions (zero routing overhead, compact "
              "attention; `ideal_speedup`), `of ideal`: measured ratio / ideal ratio.", ""]
-    lines.append("| prompt | batch | model | TTFT s | TPOT ms | TPOT min-max | TTFT ratio | ideal | of ideal "
+    lines.append("| prompt | batch | model | n | TTFT s | TPOT ms | TPOT min-max | TTFT ratio | ideal | of ideal "
                  "| TPOT ratio | ideal | of ideal |")
-    lines.append("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for length in args["lengths"]:
         for batch in args["batches"]:
             d = timing[f"dense|{length}|{batch}"]
@@ -295,7 +299,8 @@ def report(results: dict, out_dir: Path) -> str:
                 ttft, tpot = d["ttft_s"] / r["ttft_s"], d["tpot_s"] / r["tpot_s"]
                 lo, hi = r.get("tpot_s_range", (r["tpot_s"], r["tpot_s"]))
                 lines.append(
-                    f"| {length} | {batch} | {name} | {r['ttft_s']:.3f} | {1000 * r['tpot_s']:.1f} | "
+                    f"| {length} | {batch} | {name} | {len(r.get('repeats', [r]))} | {r['ttft_s']:.3f} | "
+                    f"{1000 * r['tpot_s']:.1f} | "
                     f"{1000 * lo:.1f}-{1000 * hi:.1f} | "
                     f"{ttft:.2f} | {i_ttft:.2f} | {ttft / i_ttft:.2f} | {tpot:.2f} | {i_tpot:.2f} | {tpot / i_tpot:.2f} |"
                 )
@@ -439,8 +444,10 @@ def main(argv: list[str]) -> int:
                    "AVX-512 BF16, else float32 (without it vLLM's bf16 GEMMs fall back from oneDNN to slow PyTorch)")
     p.add_argument("--kv-gib", type=int, default=2, help="KV cache of each model's timing engine (GiB; every "
                    "model's engine is up at once)")
-    p.add_argument("--repeats", type=int, default=3, help="runs of each case per model, interleaved across the "
-                   "models; the table gives the median")
+    p.add_argument("--repeats", type=int, default=7, help="rounds of each case (a round runs every model once, in "
+                   "alternating order); the table gives each model's median")
+    p.add_argument("--case-seconds", type=float, default=240, help="no new round of a case after this many seconds "
+                   "(at least one round)")
     p.add_argument("--budget-mib", type=int, default=256, help="KV budget for the concurrency run (MiB)")
     p.add_argument("--concurrency-length", type=int, default=1024)
     p.add_argument("--concurrency-requests", type=int, default=48)

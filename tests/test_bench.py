@@ -52,7 +52,7 @@ def test_report_ratios_are_medians_against_dense(tmp_path):
                 [_run(1.0, 0.0205, 750), _run(1.5, 0.021, 750), _run(0.5, 0.010, 750)])  # medians 1.0, 0.0205
     results = {
         "models": {"dense": str(dense_dir), "mod": str(dense_dir)},
-        "args": {"lengths": [512, 2048], "batches": [1, 8], "decode_tokens": 16, "repeats": 3, "budget_mib": 512,
+        "args": {"lengths": [512, 2048], "batches": [1, 8], "decode_tokens": 16, "repeats": 3, "case_seconds": 240, "budget_mib": 512,
                  "concurrency_length": 512, "concurrency_requests": 48},
         "timing": timing,
         "routing": {"mod": {"1": 0.5, "3": 0.5}},
@@ -64,8 +64,8 @@ def test_report_ratios_are_medians_against_dense(tmp_path):
     assert len(rows) == 4
     for row in rows:
         cells = [c.strip() for c in row]
-        assert cells[3] == "1.000" and cells[4] == "20.5" and cells[5] == "10.0-21.0"
-        assert cells[6] == "2.00" and cells[9] == "2.00"  # TTFT 2.0 / 1.0, TPOT 41 / 20.5
+        assert cells[3] == "3" and cells[4] == "1.000" and cells[5] == "20.5" and cells[6] == "10.0-21.0"
+        assert cells[7] == "2.00" and cells[10] == "2.00"  # TTFT 2.0 / 1.0, TPOT 41 / 20.5
     assert "| mod | 26 | 1.30 | 1.33 | 0.98 | 1.33 |" in table  # 26 / 20 against KV 1000 / 750; ideal 4 / 3
     assert (tmp_path / "out" / "bench.png").stat().st_size > 0
     assert json.loads((tmp_path / "out" / "bench.json").read_text())["timing"]["mod|512|1"]["tpot_s"] == 0.0205
