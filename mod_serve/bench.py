@@ -10,8 +10,8 @@ Three models share the engine settings, the prompts and the machine:
 * ``mod``: the MoD model under test (default: routers calibrated so that ``--routed-fraction`` of
   the tokens are routed into every routed layer).
 
-Measured from vLLM itself, with the engine cores in-process (every model's engine up at once, the
-cases interleaved across models and repeated; medians): KV blocks the scheduler's managers
+Measured from vLLM itself, with the engine core in-process (one engine at a time, or every model's
+at once with ``--interleave``; each case in rounds, medians reported): KV blocks the scheduler's managers
 hold per request after prefill (bytes per token), routed fraction per layer, the largest number of
 requests of one length that run at once under one KV budget, and TTFT / TPOT at several prompt
 lengths and batch sizes. Writes a markdown table and a PNG plot.
@@ -125,6 +125,8 @@ def timed_run(llm, prompts: list[list[int]], decode_tokens: int, tag: str) -> di
         engine.add_request(rid, {"prompt_token_ids": p}, _params(decode_tokens))
     first: dict[str, float] = {}
     last: dict[str, float] = {}
+    count: dict[str, int] = {}
+    itl: list[float] = []  # gaps between a request's consecutive tokens
     kv_per_token: list[float] = []
     internal = {}
     while engine.has_unfinished_requests():
@@ -137,10 +139,14 @@ def timed_run(llm, prompts: list[list[int]], decode_tokens: int, tag: str) -> di
                 internal[o.request_id] = _internal_id(llm, o.request_id)
                 if internal[o.request_id] is not None:
                     kv_per_token.append(held_bytes(llm, internal[o.request_id]) / len(prompts[0]))
+            elif n > count.get(o.request_id, 0):
+                itl.append(now - last[o.request_id])
+            count[o.request_id] = n
             last[o.request_id] = now
     ttft = statistics.mean(first[r] - start for r in ids)
     tpot = statistics.mean((last[r] - first[r]) / max(decode_tokens - 1, 1) for r in ids)
-    return {"ttft_s": ttft, "tpot_s": tpot, "kv_bytes_per_token": statistics.mean(kv_per_token) if kv_per_token else None}
+    return {"ttft_s": ttft, "tpot_s": tpot, "itl_p50_s": statistics.median(itl) if itl else tpot,
+            "kv_bytes_per_token": statistics.mean(kv_per_token) if kv_per_token else None}
 
 
 def _internal_id(llm, external_id: str) -> str | None:
@@ -194,22 +200,50 @@ def make_models(work: Path, routed_fraction: float, mod_dir: str | None, dtype: 
 
 
 def median_of_repeats(runs: list[dict]) -> dict:
-    """One case's result from its repeats: the median TTFT and TPOT (each repeat's own figures are
-    means over its requests), their range, and the KV bytes per token (the same in every repeat)."""
+    """One case's result from its repeats: the median TTFT, TPOT (each repeat's own figures are
+    means over its requests) and median inter-token gap, their ranges, and the KV bytes per token
+    (the same in every repeat)."""
     out = {"repeats": runs}
-    for key in ("ttft_s", "tpot_s"):
-        values = [r[key] for r in runs]
+    for key in ("ttft_s", "tpot_s", "itl_p50_s"):
+        values = [r.get(key, r["tpot_s"]) for r in runs]
         out[key] = statistics.median(values)
         out[f"{key}_range"] = (min(values), max(values))
     out["kv_bytes_per_token"] = runs[0]["kv_bytes_per_token"]
     return out
 
 
+def _timing(llms: dict, corpus: list[int], args, results: dict) -> None:
+    """The latency grid over the engines in ``llms``, in rounds: a round of a case runs each engine
+    once (several engines: in alternating order); up to ``--repeats`` rounds, none started after
+    ``--case-seconds`` per engine; each case's figures are the median over its rounds."""
+    for name, llm in llms.items():
+        timed_run(llm, prompts_of(corpus, 128, 2), 4, f"{name}-warmup")
+    for length in args.lengths:
+        for batch in args.batches:
+            prompts = prompts_of(corpus, length, batch)
+            runs: dict[str, list] = {name: [] for name in llms}
+            started = time.perf_counter()
+            for rep in range(args.repeats):
+                if rep and time.perf_counter() - started > args.case_seconds * len(llms):
+                    break  # long cases (a 2048x8 prefill takes a minute per model) run fewer rounds
+                for name in (list(llms) if rep % 2 == 0 else list(reversed(llms))):
+                    runs[name].append(timed_run(llms[name], prompts, args.decode_tokens, f"{name}-{length}-{batch}-{rep}"))
+            for name, reps in runs.items():
+                r = results["timing"][f"{name}|{length}|{batch}"] = median_of_repeats(reps)
+                tpots = ", ".join(f"{1000 * x['tpot_s']:.1f}" for x in reps)
+                _log(f"  {name} L={length} B={batch}: TTFT {r['ttft_s']:.3f}s TPOT {1000 * r['tpot_s']:.1f}ms "
+                     f"({tpots}) KV {r['kv_bytes_per_token']:.0f} B/token")
+    for name, llm in llms.items():
+        stats = llm.collective_rpc("mod_kv_stats")[0] if not name.startswith("dense") else {}
+        results["routing"][name] = stats.get("routed_fraction", {})
+
+
 def run(args) -> dict:
-    """Every model's timing engine is up at once and the cases are interleaved: each round of a
-    case runs every model once, in alternating order, so that dense and MoD are measured seconds
-    apart (this shared 2-core machine drifts by 5-10 % within minutes), and a case's figures are
-    the median of its rounds (``--repeats``, fewer once a case has taken ``--case-seconds``)."""
+    """One engine at a time by default, as ``mod-serve serve`` runs one per process (each case in
+    rounds, the median reported); ``--interleave`` keeps every model's engine up at once and runs a
+    case's rounds across the models, so that dense and MoD are measured seconds apart (this shared
+    2-core machine drifts by 5-10 % within minutes), at the price of four engines in one process
+    (which measured the all-in model 0.87x dense at 512x8 where single engines measured 0.95x)."""
     import contextlib
 
     from transformers import AutoTokenizer
@@ -226,31 +260,18 @@ def run(args) -> dict:
 
     results: dict = {"models": models, "args": vars(args), "timing": {}, "kv": {}, "concurrency": {}, "routing": {},
                      "threads": torch.get_num_threads()}
-    with contextlib.ExitStack() as stack:
-        llms = {}
-        for name, path in models.items():
-            _log(f"{name}: engine up ({path})")
-            llms[name] = stack.enter_context(engine(path, args.kv_gib << 30, max_len, args.dtype,
-                                                    eager=name == "dense-eager"))
-            timed_run(llms[name], prompts_of(corpus, 128, 2), 4, f"{name}-warmup")
-        for length in args.lengths:
-            for batch in args.batches:
-                prompts = prompts_of(corpus, length, batch)
-                runs: dict[str, list] = {name: [] for name in llms}
-                started = time.perf_counter()
-                for rep in range(args.repeats):
-                    if rep and time.perf_counter() - started > args.case_seconds:
-                        break  # long cases (a 2048x8 prefill takes a minute per model) run fewer rounds
-                    for name in (list(llms) if rep % 2 == 0 else list(reversed(llms))):
-                        runs[name].append(timed_run(llms[name], prompts, args.decode_tokens, f"{name}-{length}-{batch}-{rep}"))
-                for name, reps in runs.items():
-                    r = results["timing"][f"{name}|{length}|{batch}"] = median_of_repeats(reps)
-                    tpots = ", ".join(f"{1000 * x['tpot_s']:.1f}" for x in reps)
-                    _log(f"  {name} L={length} B={batch}: TTFT {r['ttft_s']:.3f}s TPOT {1000 * r['tpot_s']:.1f}ms "
-                         f"({tpots}) KV {r['kv_bytes_per_token']:.0f} B/token")
-        for name, llm in llms.items():
-            stats = llm.collective_rpc("mod_kv_stats")[0] if not name.startswith("dense") else {}
-            results["routing"][name] = stats.get("routed_fraction", {})
+
+    def timing_engine(name: str):
+        _log(f"{name}: timing engine ({models[name]})")
+        return engine(models[name], args.kv_gib << 30, max_len, args.dtype, eager=name == "dense-eager")
+
+    if args.interleave:
+        with contextlib.ExitStack() as stack:
+            _timing({name: stack.enter_context(timing_engine(name)) for name in models}, corpus, args, results)
+    else:
+        for name in models:
+            with timing_engine(name) as llm:
+                _timing({name: llm}, corpus, args, results)
     for name, path in models.items():
         if name == "dense-eager":
             continue  # same KV footprint as dense
@@ -279,15 +300,19 @@ def report(results: dict, out_dir: Path) -> str:
     repeats = args.get("repeats", 1)
     lines = ["## Latency (ratio = dense / model, > 1 is faster than dense)", "",
              f"{results.get('threads', '?')} OpenMP thread(s) per engine, as `mod-serve serve` runs its worker here. "
-             f"Every model's engine up at once; each case ran in rounds (up to {repeats}, none started after "
-             f"{args.get('case_seconds', 0):.0f} s; column `n`), a round running every model once in alternating "
-             "order (dense and MoD seconds apart); TTFT and TPOT are the median over the rounds, each round's "
-             "figure the mean over its requests; `TPOT min-max`: the rounds' range. "
+             + ("Every model's engine up at once, a round of a case running every model once in alternating "
+                "order (dense and MoD seconds apart). " if args.get("interleave") else
+                "One engine at a time (as `mod-serve serve` runs one per process). ")
+             + f"Each case ran in rounds (up to {repeats}, none started after {args.get('case_seconds', 0):.0f} s per model; "
+             "column `n`); TTFT and TPOT are the median over the rounds, each round's "
+             "figure the mean over its requests; `TPOT min-max`: the rounds' range; `ITL p50`: the median gap "
+             "between a request's consecutive tokens (median over the rounds), a decode step without the "
+             "occasional slow one (a prefill chunk, a pause of the machine). "
              "`ideal`: dense MACs / MoD MACs at the measured routed fractions (zero routing overhead, compact "
              "attention; `ideal_speedup`), `of ideal`: measured ratio / ideal ratio.", ""]
     lines.append("| prompt | batch | model | n | TTFT s | TPOT ms | TPOT min-max | TTFT ratio | ideal | of ideal "
-                 "| TPOT ratio | ideal | of ideal |")
-    lines.append("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                 "| TPOT ratio | ideal | of ideal | ITL p50 ms | ITL ratio | of ideal |")
+    lines.append("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for length in args["lengths"]:
         for batch in args["batches"]:
             d = timing[f"dense|{length}|{batch}"]
@@ -297,12 +322,14 @@ def report(results: dict, out_dir: Path) -> str:
                 i_ttft = ideal_speedup(config, routed, length / 2, 1 / length)
                 i_tpot = ideal_speedup(config, routed, length + args["decode_tokens"] / 2)
                 ttft, tpot = d["ttft_s"] / r["ttft_s"], d["tpot_s"] / r["tpot_s"]
+                itl = d.get("itl_p50_s", d["tpot_s"]) / r.get("itl_p50_s", r["tpot_s"])
                 lo, hi = r.get("tpot_s_range", (r["tpot_s"], r["tpot_s"]))
                 lines.append(
                     f"| {length} | {batch} | {name} | {len(r.get('repeats', [r]))} | {r['ttft_s']:.3f} | "
                     f"{1000 * r['tpot_s']:.1f} | "
                     f"{1000 * lo:.1f}-{1000 * hi:.1f} | "
-                    f"{ttft:.2f} | {i_ttft:.2f} | {ttft / i_ttft:.2f} | {tpot:.2f} | {i_tpot:.2f} | {tpot / i_tpot:.2f} |"
+                    f"{ttft:.2f} | {i_ttft:.2f} | {ttft / i_ttft:.2f} | {tpot:.2f} | {i_tpot:.2f} | {tpot / i_tpot:.2f} | "
+                    f"{1000 * r.get('itl_p50_s', r['tpot_s']):.1f} | {itl:.2f} | {itl / i_tpot:.2f} |"
                 )
     lines += ["", "## KV memory", ""]
     num_layers = config.num_hidden_layers
@@ -442,12 +469,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 where the CPU has "
                    "AVX-512 BF16, else float32 (without it vLLM's bf16 GEMMs fall back from oneDNN to slow PyTorch)")
-    p.add_argument("--kv-gib", type=int, default=2, help="KV cache of each model's timing engine (GiB; every "
-                   "model's engine is up at once)")
-    p.add_argument("--repeats", type=int, default=7, help="rounds of each case (a round runs every model once, in "
-                   "alternating order); the table gives each model's median")
-    p.add_argument("--case-seconds", type=float, default=240, help="no new round of a case after this many seconds "
-                   "(at least one round)")
+    p.add_argument("--kv-gib", type=int, default=2, help="KV cache of each model's timing engine (GiB)")
+    p.add_argument("--repeats", type=int, default=5, help="rounds of each case; the table gives the median")
+    p.add_argument("--interleave", action="store_true", help="every model's engine up at once, each round of a "
+                   "case running every model (alternating order): less drift between models, four engines in "
+                   "one process")
+    p.add_argument("--case-seconds", type=float, default=60, help="no new round of a case once its rounds took this "
+                   "many seconds per model (at least one round)")
     p.add_argument("--budget-mib", type=int, default=256, help="KV budget for the concurrency run (MiB)")
     p.add_argument("--concurrency-length", type=int, default=1024)
     p.add_argument("--concurrency-requests", type=int, default=48)

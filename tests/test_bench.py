@@ -12,13 +12,14 @@ from mod_serve import bench
 
 
 def _run(ttft: float, tpot: float, kv: float = 1000.0) -> dict:
-    return {"ttft_s": ttft, "tpot_s": tpot, "kv_bytes_per_token": kv}
+    return {"ttft_s": ttft, "tpot_s": tpot, "itl_p50_s": tpot * 0.8, "kv_bytes_per_token": kv}
 
 
 def test_median_of_repeats_takes_the_middle_repeat_and_keeps_the_range():
     r = bench.median_of_repeats([_run(1.0, 0.050), _run(3.0, 0.040), _run(2.0, 0.090)])
     assert r["ttft_s"] == 2.0 and r["tpot_s"] == 0.050
     assert r["ttft_s_range"] == (1.0, 3.0) and r["tpot_s_range"] == (0.040, 0.090)
+    assert r["itl_p50_s"] == pytest.approx(0.8 * 0.050)
     assert len(r["repeats"]) == 3 and r["kv_bytes_per_token"] == 1000.0
 
 
@@ -66,6 +67,7 @@ def test_report_ratios_are_medians_against_dense(tmp_path):
         cells = [c.strip() for c in row]
         assert cells[3] == "3" and cells[4] == "1.000" and cells[5] == "20.5" and cells[6] == "10.0-21.0"
         assert cells[7] == "2.00" and cells[10] == "2.00"  # TTFT 2.0 / 1.0, TPOT 41 / 20.5
+        assert cells[13] == "16.4" and cells[14] == "2.00"  # ITL: 0.8 x the TPOTs, median 0.8 x 20.5
     assert "| mod | 26 | 1.30 | 1.33 | 0.98 | 1.33 |" in table  # 26 / 20 against KV 1000 / 750; ideal 4 / 3
     assert (tmp_path / "out" / "bench.png").stat().st_size > 0
     assert json.loads((tmp_path / "out" / "bench.json").read_text())["timing"]["mod|512|1"]["tpot_s"] == 0.0205
