@@ -205,7 +205,9 @@ def median_of_repeats(runs: list[dict]) -> dict:
     (the same in every repeat)."""
     out = {"repeats": runs}
     for key in ("ttft_s", "tpot_s", "itl_p50_s"):
-        values = [r.get(key, r["tpot_s"]) for r in runs]
+        if not all(key in r for r in runs):
+            continue
+        values = [r[key] for r in runs]
         out[key] = statistics.median(values)
         out[f"{key}_range"] = (min(values), max(values))
     out["kv_bytes_per_token"] = runs[0]["kv_bytes_per_token"]
@@ -238,12 +240,20 @@ def _timing(llms: dict, corpus: list[int], args, results: dict) -> None:
         results["routing"][name] = stats.get("routed_fraction", {})
 
 
+def paired_ratio(dense: dict, model: dict) -> float | None:
+    """The median over rounds of dense's TPOT / the model's in the same round (interleaved runs)."""
+    d, m = dense.get("repeats", []), model.get("repeats", [])
+    if not d or len(d) != len(m):
+        return None
+    return statistics.median(a["tpot_s"] / b["tpot_s"] for a, b in zip(d, m))
+
+
 def run(args) -> dict:
-    """One engine at a time by default, as ``mod-serve serve`` runs one per process (each case in
-    rounds, the median reported); ``--interleave`` keeps every model's engine up at once and runs a
-    case's rounds across the models, so that dense and MoD are measured seconds apart (this shared
-    2-core machine drifts by 5-10 % within minutes), at the price of four engines in one process
-    (which measured the all-in model 0.87x dense at 512x8 where single engines measured 0.95x)."""
+    """Every model's timing engine up at once, each round of a case running every model (in
+    alternating order), so that dense and MoD are measured seconds apart: this shared 2-core
+    machine drifts by 5-15 % within minutes (one engine at a time measured the all-in model at
+    0.82x dense at 512x1 and 1.02x at 2048x1 in the same run). ``--sequential``: one engine at a
+    time, as ``mod-serve serve`` runs one per process. Each case's figures: medians over rounds."""
     import contextlib
 
     from transformers import AutoTokenizer
@@ -307,12 +317,13 @@ def report(results: dict, out_dir: Path) -> str:
              "column `n`); TTFT and TPOT are the median over the rounds, each round's "
              "figure the mean over its requests; `TPOT min-max`: the rounds' range; `ITL p50`: the median gap "
              "between a request's consecutive tokens (median over the rounds), a decode step without the "
-             "occasional slow one (a prefill chunk, a pause of the machine). "
+             "occasional slow one (a prefill chunk, a pause of the machine); `TPOT paired` (`--interleave` only): "
+             "the median over rounds of dense's TPOT / the model's in the same round, seconds apart. "
              "`ideal`: dense MACs / MoD MACs at the measured routed fractions (zero routing overhead, compact "
              "attention; `ideal_speedup`), `of ideal`: measured ratio / ideal ratio.", ""]
     lines.append("| prompt | batch | model | n | TTFT s | TPOT ms | TPOT min-max | TTFT ratio | ideal | of ideal "
-                 "| TPOT ratio | ideal | of ideal | ITL p50 ms | ITL ratio | of ideal |")
-    lines.append("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                 "| TPOT ratio | ideal | of ideal | ITL p50 ms | ITL ratio | of ideal | TPOT paired | of ideal |")
+    lines.append("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for length in args["lengths"]:
         for batch in args["batches"]:
             d = timing[f"dense|{length}|{batch}"]
@@ -322,14 +333,16 @@ def report(results: dict, out_dir: Path) -> str:
                 i_ttft = ideal_speedup(config, routed, length / 2, 1 / length)
                 i_tpot = ideal_speedup(config, routed, length + args["decode_tokens"] / 2)
                 ttft, tpot = d["ttft_s"] / r["ttft_s"], d["tpot_s"] / r["tpot_s"]
-                itl = d.get("itl_p50_s", d["tpot_s"]) / r.get("itl_p50_s", r["tpot_s"])
+                itl = d["itl_p50_s"] / r["itl_p50_s"] if "itl_p50_s" in r and "itl_p50_s" in d else None
+                paired = paired_ratio(d, r) if args.get("interleave") else None
                 lo, hi = r.get("tpot_s_range", (r["tpot_s"], r["tpot_s"]))
                 lines.append(
                     f"| {length} | {batch} | {name} | {len(r.get('repeats', [r]))} | {r['ttft_s']:.3f} | "
                     f"{1000 * r['tpot_s']:.1f} | "
                     f"{1000 * lo:.1f}-{1000 * hi:.1f} | "
                     f"{ttft:.2f} | {i_ttft:.2f} | {ttft / i_ttft:.2f} | {tpot:.2f} | {i_tpot:.2f} | {tpot / i_tpot:.2f} | "
-                    f"{1000 * r.get('itl_p50_s', r['tpot_s']):.1f} | {itl:.2f} | {itl / i_tpot:.2f} |"
+                    + (f"{1000 * r['itl_p50_s']:.1f} | {itl:.2f} | {itl / i_tpot:.2f} | " if itl is not None else "- | - | - | ")
+                    + (f"{paired:.2f} | {paired / i_tpot:.2f} |" if paired is not None else "- | - |")
                 )
     lines += ["", "## KV memory", ""]
     num_layers = config.num_hidden_layers
@@ -470,10 +483,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 where the CPU has "
                    "AVX-512 BF16, else float32 (without it vLLM's bf16 GEMMs fall back from oneDNN to slow PyTorch)")
     p.add_argument("--kv-gib", type=int, default=2, help="KV cache of each model's timing engine (GiB)")
-    p.add_argument("--repeats", type=int, default=5, help="rounds of each case; the table gives the median")
-    p.add_argument("--interleave", action="store_true", help="every model's engine up at once, each round of a "
-                   "case running every model (alternating order): less drift between models, four engines in "
-                   "one process")
+    p.add_argument("--repeats", type=int, default=7, help="rounds of each case; the table gives the median")
+    p.add_argument("--sequential", dest="interleave", action="store_false", help="one engine at a time (each "
+                   "model's rounds together) instead of every model's engine up at once with each round of a case "
+                   "running every model in alternating order (the default: this machine drifts by 5-15 %% between "
+                   "minutes, so only rounds seconds apart compare)")
     p.add_argument("--case-seconds", type=float, default=60, help="no new round of a case once its rounds took this "
                    "many seconds per model (at least one round)")
     p.add_argument("--budget-mib", type=int, default=256, help="KV budget for the concurrency run (MiB)")

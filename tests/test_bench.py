@@ -23,6 +23,12 @@ def test_median_of_repeats_takes_the_middle_repeat_and_keeps_the_range():
     assert len(r["repeats"]) == 3 and r["kv_bytes_per_token"] == 1000.0
 
 
+def test_paired_ratio_needs_the_same_rounds():
+    dense = bench.median_of_repeats([_run(1, 0.040), _run(1, 0.050)])
+    assert bench.paired_ratio(dense, bench.median_of_repeats([_run(1, 0.020), _run(1, 0.100)])) == pytest.approx(1.25)
+    assert bench.paired_ratio(dense, bench.median_of_repeats([_run(1, 0.020)])) is None
+
+
 def test_ideal_speedup_against_a_plain_mac_count():
     config = types.SimpleNamespace(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=100)
@@ -53,7 +59,7 @@ def test_report_ratios_are_medians_against_dense(tmp_path):
                 [_run(1.0, 0.0205, 750), _run(1.5, 0.021, 750), _run(0.5, 0.010, 750)])  # medians 1.0, 0.0205
     results = {
         "models": {"dense": str(dense_dir), "mod": str(dense_dir)},
-        "args": {"lengths": [512, 2048], "batches": [1, 8], "decode_tokens": 16, "repeats": 3, "case_seconds": 240, "budget_mib": 512,
+        "args": {"lengths": [512, 2048], "batches": [1, 8], "decode_tokens": 16, "repeats": 3, "case_seconds": 240, "interleave": True, "budget_mib": 512,
                  "concurrency_length": 512, "concurrency_requests": 48},
         "timing": timing,
         "routing": {"mod": {"1": 0.5, "3": 0.5}},
@@ -68,6 +74,7 @@ def test_report_ratios_are_medians_against_dense(tmp_path):
         assert cells[3] == "3" and cells[4] == "1.000" and cells[5] == "20.5" and cells[6] == "10.0-21.0"
         assert cells[7] == "2.00" and cells[10] == "2.00"  # TTFT 2.0 / 1.0, TPOT 41 / 20.5
         assert cells[13] == "16.4" and cells[14] == "2.00"  # ITL: 0.8 x the TPOTs, median 0.8 x 20.5
+        assert cells[16] == "1.95"  # paired by round: 40 / 20.5, 41 / 21, 80 / 10 -> median 1.95
     assert "| mod | 26 | 1.30 | 1.33 | 0.98 | 1.33 |" in table  # 26 / 20 against KV 1000 / 750; ideal 4 / 3
     assert (tmp_path / "out" / "bench.png").stat().st_size > 0
     assert json.loads((tmp_path / "out" / "bench.json").read_text())["timing"]["mod|512|1"]["tpot_s"] == 0.0205
