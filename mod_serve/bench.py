@@ -10,8 +10,9 @@ Three models share the engine settings, the prompts and the machine:
 * ``mod``: the MoD model under test (default: routers calibrated so that ``--routed-fraction`` of
   the tokens are routed into every routed layer).
 
-Measured from vLLM itself, with the engine core in-process (one engine at a time, or every model's
-at once with ``--interleave``; each case in rounds, medians reported): KV blocks the scheduler's managers
+Measured from vLLM itself, with the engine cores in-process (every model's engine up at once and
+each case's rounds interleaved across the models, or one engine at a time with ``--sequential``;
+medians over rounds): KV blocks the scheduler's managers
 hold per request after prefill (bytes per token), routed fraction per layer, the largest number of
 requests of one length that run at once under one KV budget, and TTFT / TPOT at several prompt
 lengths and batch sizes. Writes a markdown table and a PNG plot.
