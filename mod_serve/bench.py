@@ -146,8 +146,10 @@ def timed_run(llm, prompts: list[list[int]], decode_tokens: int, tag: str) -> di
             last[o.request_id] = now
     ttft = statistics.mean(first[r] - start for r in ids)
     tpot = statistics.mean((last[r] - first[r]) / max(decode_tokens - 1, 1) for r in ids)
-    return {"ttft_s": ttft, "tpot_s": tpot, "itl_p50_s": statistics.median(itl) if itl else tpot,
-            "kv_bytes_per_token": statistics.mean(kv_per_token) if kv_per_token else None}
+    out = {"ttft_s": ttft, "tpot_s": tpot, "kv_bytes_per_token": statistics.mean(kv_per_token) if kv_per_token else None}
+    if itl:  # (none with a single output token)
+        out["itl_p50_s"] = statistics.median(itl)
+    return out
 
 
 def _internal_id(llm, external_id: str) -> str | None:
