@@ -62,8 +62,6 @@ class MoDLlamaDecoderLayer(LlamaDecoderLayer):
         if self.is_routed:
             self.routed_slot = self.routing.routed_layers.index(self.layer_index)  # its row in the step's counts
             self.routing_state = routing_state
-            # the step's threshold per token, shared by all routed layers (the compiled graph reads it)
-            self.register_buffer("token_p", routing_state.token_p, persistent=False)
             # A plain float32 Linear: the router is tiny, replicated, and its math is float32.
             self.router = nn.Linear(config.hidden_size, 1, bias=True, dtype=torch.float32)
             make_attention_routed(self.self_attn.attn, self.layer_index)
@@ -96,21 +94,16 @@ class MoDLlamaDecoderLayer(LlamaDecoderLayer):
         out = self._layer(positions[idx], h_in, step, idx)
         return h.index_copy(0, idx, gated_update(h_in, out, g[idx]))
 
-    # ---- compiled: the layer as graph ops around one opaque step (attend) --------------------
+    # ---- compiled: the layer as graph ops around two opaque steps (route, attend) ----------
     def run_routed_graph(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The same layer traced into vLLM's compiled graph. The routed count is an unbacked size,
-        so the router, decision (``g >= p``, ``nonzero``), gather, norms, GEMMs, RoPE, MLP, gated
-        update and scatter compile like the dense layers; only ``attend`` (the routed tokens'
-        attention and the step's bookkeeping) runs eagerly (``routed_op``). A forced sink position
-        has g = 1 >= p, so it is routed in without a separate mask. Under tensor parallelism the
-        decision is the eager ``route`` op (rank 0 decides and broadcasts)."""
+        so the router, gather, norms, GEMMs, RoPE, MLP, gated update and scatter compile like the
+        dense layers; only ``route`` (g >= p, bookkeeping) and ``attend`` run eagerly (``routed_op``).
+        A forced sink position has g = 1 >= p, so it is routed in without a separate mask."""
         g = router_probs(self.router, h)
         if self.routing.sink_tokens:
             g, _ = force_sink(g, positions, self.routing.sink_tokens)
-        if self.routing_state.tp_size > 1:  # rank 0 decides for the TP group (a collective: eager)
-            idx = route(g, self.op_name)
-        else:  # the step's per-token threshold (2 outside a step, past its tokens): a graph op
-            idx = (g >= self.token_p[: g.shape[0]]).nonzero().squeeze(-1)
+        idx = route(g, self.op_name)
         h_in = h.index_select(0, idx)
         attn = self.self_attn
         x = self.input_layernorm(h_in)
@@ -123,8 +116,7 @@ class MoDLlamaDecoderLayer(LlamaDecoderLayer):
         return h.index_copy(0, idx, gated_update(h_in, out, g.index_select(0, idx)))
 
     def route(self, g: torch.Tensor) -> torch.Tensor:
-        """``mod_serve::route`` (compiled, under tensor parallelism): indices of the tokens routed
-        in, decided on TP rank 0 (a fresh tensor)."""
+        """``mod_serve::route``: indices of the tokens routed in (a fresh tensor)."""
         step = self.routing_state.step
         if step is None:  # a profiling / warm-up run: nothing to route or cache
             return g.new_empty(0, dtype=torch.int64)
@@ -132,15 +124,12 @@ class MoDLlamaDecoderLayer(LlamaDecoderLayer):
         return idx.clone() if step.crossings is not None else idx  # the step's log keeps its own
 
     def attend(self, q, k, v, idx) -> torch.Tensor:
-        """``mod_serve::routed_attention``: the routed tokens' attention over the compact cache.
-        No token is routed in outside a real step (the threshold is 2 there)."""
+        """``mod_serve::routed_attention``: the routed tokens' attention over the compact cache
+        (``route`` returns no token outside a real step)."""
         attn = self.self_attn.attn
-        step = self.routing_state.step
-        if step is not None and step.crossings is not None and self.routing_state.tp_size == 1:
-            step.routed_log.append(idx.clone())  # (``route`` keeps its own under TP)
         if idx.numel() == 0:
             return q.new_empty(0, attn.num_heads * attn.head_size_v)
-        return routed_attention(attn, step, self.routed_slot, idx, q, k, v)
+        return routed_attention(attn, self.routing_state.step, self.routed_slot, idx, q, k, v)
 
     def _layer(self, positions, hidden_states, step, routed_idx) -> torch.Tensor:
         """layer(h) for the routed tokens only (un-fused residual form: returns the full output)."""
@@ -171,11 +160,7 @@ class MoDLlamaModel(nn.Module):
         config = vllm_config.model_config.hf_config
         self.config = config
         self.routing = _routing(config)
-        self.routing_state = RoutingState(self.routing.routed_layers, self.routing.threshold, self.routing.sink_tokens,
-                                          vllm_config.scheduler_config.max_num_batched_tokens,
-                                          vllm_config.parallel_config.tensor_parallel_size)
-        # ``nonzero`` in the compiled routed layers: the routed count as an unbacked size in the graph
-        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        self.routing_state = RoutingState(self.routing.routed_layers, self.routing.threshold, self.routing.sink_tokens)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.start_layer, self.end_layer, self.layers = make_layers(
             config.num_hidden_layers,

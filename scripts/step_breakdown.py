@@ -12,8 +12,7 @@ and batch (1, 8; 512-token prompts, 1 OpenMP thread as served), the median per d
 * routing bookkeeping: ``RoutingState.begin``/``end``/``trim_block_tables`` (MoD only);
 * attention: the attention kernels and KV writes (``impl.forward`` + ``do_kv_cache_update``), all layers;
 * router: the routers' float32 gates (MoD only; with the routed layer in the compiled graph, whose
-  fused kernels time cannot be split off, the eager decision op that follows them; 0 since the
-  decision is a graph op too, except under tensor parallelism);
+  fused kernels time cannot be split off, the eager decision op that follows them);
 * routed attention call: compact metadata + the routed layers' attention kernels (MoD only);
 * model forward (includes attention, router and routed attention call; routing bookkeeping is
   inside it after the change, outside before); LM head: ``compute_logits``; rest of step: sampling,

@@ -311,7 +311,7 @@ def test_caching_off_gives_the_same_tokens_and_counts(model_dir, llm, reference)
     check_against_reference(reference, prompts, on, 8)
 
 
-@pytest.mark.parametrize("mode", ["eager", "compiled"])  # compiled: the graph's decision, logged by its attention op
+@pytest.mark.parametrize("mode", ["eager", "compiled"])  # compiled: the graph's route op logs boundaries
 def test_preemption_and_chunked_prefill_with_caching_on(mode, model_dir, reference):
     system = rand_tokens(96, seed=12)
     prompts = [system + rand_tokens(20 + 9 * i, seed=60 + i) for i in range(16)]

@@ -43,7 +43,7 @@ def test_mixed_thresholds_in_one_batch_equal_the_reference_at_each_p(mode, tmp_p
         ref_dir = model_dir if p is None else at_threshold(model_dir, p, tmp_path)
         want.append(reference_generate(ref_dir, [prompt], MAX_TOKENS)[0][0])
     with inproc_llm(str(model_dir), skip_tokenizer_init=True, max_model_len=512,
-                    **(COMPILED if mode == "compiled" else {})) as llm:  # per-token p in the compiled graph's decision
+                    **(COMPILED if mode == "compiled" else {})) as llm:  # per-token p in the graph's route op
         engine = llm.llm_engine
         for i, prompt in enumerate(prompts):  # the same prompt at the three thresholds, too
             engine.add_request(f"r{i}", {"prompt_token_ids": prompt}, params(THRESHOLDS[i % 3]))

@@ -24,7 +24,7 @@ One module per vLLM seam:
   layer's own backend builder, then the backend impl's cache write and kernel; on the CPU, vLLM's
   two CPU attention kernels called with the layer's constant arguments bound once);
 * ``routed_op``: the compile seam, the custom ops a routed layer runs eagerly inside vLLM's
-  compiled graph (``routed_attention``; ``route`` under tensor parallelism) or, with ``enforce_eager``, as a whole
+  compiled graph (``route``, ``routed_attention``) or, with ``enforce_eager``, as a whole
   (``routed_layer``).
 """
 

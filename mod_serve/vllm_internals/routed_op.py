@@ -1,12 +1,11 @@
 """Compile seam: the custom ops a routed layer runs eagerly, compiled or not.
 
 vLLM compiles the MoD model like its dense Llama (``@support_torch_compile``). Traced, a routed
-layer (``MoDLlamaDecoderLayer.run_routed_graph``) is graph ops around one opaque step,
-``mod_serve::routed_attention`` (attention of the routed tokens over the layer's compact KV cache,
-and the layer's routed counts). The decision ``g >= p`` against the step's per-token thresholds and
-its ``nonzero`` (output size: the routed count, an unbacked symbol) are graph ops like the float32
-router, gather, norms, GEMMs, RoPE, MLP, gated update and scatter. Under tensor parallelism the
-decision is the opaque ``mod_serve::route`` (rank 0 decides, then broadcasts to the group).
+layer (``MoDLlamaDecoderLayer.run_routed_graph``) is graph ops around two opaque steps that depend
+on data: ``mod_serve::route`` (the decision ``g >= p`` and the step's bookkeeping; its output size,
+the routed count, is an unbacked symbol) and ``mod_serve::routed_attention`` (attention of the
+routed tokens over the layer's compact KV cache). Everything else (float32 router, gather, norms,
+GEMMs, RoPE, MLP, gated update, scatter) is fused by inductor as in the dense layers.
 
 Eager (``enforce_eager``; always on CUDA), the whole routed layer is one op,
 ``mod_serve::routed_layer``, whose body calls vLLM's C++ kernels directly on the CPU (RMSNorm, fused
@@ -52,11 +51,11 @@ def routed_layer(hidden: torch.Tensor, positions: torch.Tensor, layer_name: str)
 
 
 # ---- the routed layer inside the compiled graph ----------------------------------------------
-# Compiled, ``routed_attention`` (attention of the routed tokens over the layer's compact KV cache)
-# stays opaque, and under tensor parallelism ``route`` too (the decision ``g >= p`` broadcast from
-# rank 0; its output size is an unbacked symbol). The float32 router, decision (one process),
-# gather, norms, GEMMs, RoPE, MLP, gated update and scatter are graph ops that inductor fuses as it
-# fuses the dense layers.
+# Compiled, only the two data-dependent steps stay opaque: ``route`` (the decision ``g >= p`` and
+# the per-step bookkeeping; its output size is an unbacked symbol) and ``routed_attention``
+# (attention of the routed tokens over the layer's compact KV cache). The float32 router, gather,
+# norms, GEMMs, RoPE, MLP, gated update and scatter are graph ops that inductor fuses as it fuses
+# the dense layers.
 def _route(g: torch.Tensor, layer_name: str) -> torch.Tensor:
     return _LAYERS[layer_name].route(g)
 

@@ -96,19 +96,9 @@ class RoutingStep:
         return idx
 
 
-NOT_IN_A_STEP = 2.0
-"""``token_p`` outside a step's tokens: above any gate (g <= 1), so nothing is routed in."""
-
-
 class RoutingState:
-    def __init__(self, routed_layers: Sequence[int], threshold: float, sink_tokens: int = 0,
-                 max_num_tokens: int = 0, tp_size: int = 1):
+    def __init__(self, routed_layers: Sequence[int], threshold: float, sink_tokens: int = 0):
         self.routed_layers = list(routed_layers)
-        self.tp_size = tp_size
-        # The compiled routed layers decide ``g >= token_p[:num_tokens]``: the step's thresholds
-        # per token, NOT_IN_A_STEP elsewhere (padding, profiling and warm-up runs).
-        self.token_p = torch.full((max_num_tokens,), NOT_IN_A_STEP, dtype=torch.float32)
-        self._p_until = 0  # token_p[:_p_until] holds a step's thresholds
         self.sink_tokens = sink_tokens
         self.threshold = threshold  # the checkpoint's p (or the server's --mod-threshold)
         self.p_of: dict[str, float] = {}  # req -> its own threshold
@@ -189,15 +179,9 @@ class RoutingState:
         new = torch.from_numpy(np.zeros_like(prior)) if device.type == "cpu" else torch.zeros_like(prior_dev)
         p_req = [self._threshold(runner, r) for r in req_ids]
         p = p_req[0] if len(set(p_req)) == 1 else torch.tensor(p_req, dtype=torch.float32, device=device)[token_req]
-        num_scheduled = int(qsl[-1])
-        if self.token_p.numel():
-            if self._p_until > num_scheduled:  # a step that raised before ``end``
-                self.token_p[num_scheduled:self._p_until] = NOT_IN_A_STEP
-            self.token_p[:num_scheduled] = p
-            self._p_until = num_scheduled
         self.step = RoutingStep(
             req_ids=list(req_ids),
-            num_tokens=num_scheduled,
+            num_tokens=int(qsl[-1]),
             max_query_len=int(lengths.max()),
             settled=computed.astype(np.int64) + lengths,
             token_req=token_req,
@@ -209,7 +193,7 @@ class RoutingState:
             tp_group=tp if tp.world_size > 1 else None,
             p=p,
             has_sink=bool((computed < self.sink_tokens).any()),
-            is_decode=num_scheduled == num_reqs,
+            is_decode=int(qsl[-1]) == num_reqs,
             max_seq_len=(prior.max(axis=1) + int(lengths.max())).tolist(),
             crossings=self._crossings(computed, lengths, qsl),
             attn_names=self.attn_names,
@@ -243,9 +227,6 @@ class RoutingState:
         step, self.step = self.step, None
         if step is None:
             return
-        if self._p_until:
-            self.token_p[: self._p_until] = NOT_IN_A_STEP
-            self._p_until = 0
         new = step.new.cpu().numpy()
         totals = step.prior_host + new
         settled = step.settled
