@@ -320,7 +320,7 @@ def report(results: dict, out_dir: Path) -> str:
              "column `n`); TTFT and TPOT are the median over the rounds, each round's "
              "figure the mean over its requests; `TPOT min-max`: the rounds' range; `ITL p50`: the median gap "
              "between a request's consecutive tokens (median over the rounds), a decode step without the "
-             "occasional slow one (a prefill chunk, a pause of the machine); `TPOT paired` (`--interleave` only): "
+             "occasional slow one (a prefill chunk, a pause of the machine); `TPOT paired` (interleaved runs; `-` with `--sequential`): "
              "the median over rounds of dense's TPOT / the model's in the same round, seconds apart. "
              "`ideal`: dense MACs / MoD MACs at the measured routed fractions (zero routing overhead, compact "
              "attention; `ideal_speedup`), `of ideal`: measured ratio / ideal ratio.", ""]
