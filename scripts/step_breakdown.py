@@ -2,8 +2,12 @@
 
     .venv/bin/python scripts/step_breakdown.py [MODEL_DIR ...]   (default: bench's dense, mod-all-in, mod)
 
+Environment: ``BATCHES`` (default 1,8), ``LENGTH`` (prompt tokens, default 512), ``TOGETHER=1``:
+every model's engine up at once, each round of a batch running every model once in alternating
+order, as ``mod-serve bench`` runs them (default: one engine at a time).
+
 Wraps vLLM and mod-serve functions with perf_counter timers (~1-2 us each) and prints, per model
-and batch (1, 8; 512-token prompts, 1 OpenMP thread as served), the median per decode step of:
+and batch (1 OpenMP thread as served), the median per decode step of:
 
 * step: the whole ``engine.step()``;
 * scheduler + KV groups: ``Scheduler.schedule`` and ``update_from_output`` (routed settles included);
@@ -11,6 +15,7 @@ and batch (1, 8; 512-token prompts, 1 OpenMP thread as served), the median per d
   group) and ``_build_attention_metadata`` (one build per group);
 * routing bookkeeping: ``RoutingState.begin``/``end``/``trim_block_tables`` (MoD only);
 * attention: the attention kernels and KV writes (``impl.forward`` + ``do_kv_cache_update``), all layers;
+  routed kernels: the routed layers' part of it (their direct kernel calls, ``CpuAttentionKernels``);
 * router: the routers' float32 gates (MoD only; with the routed layer in the compiled graph, whose
   fused kernels time cannot be split off, the eager decision op that follows them);
 * routed attention call: compact metadata + the routed layers' attention kernels (MoD only);
@@ -68,7 +73,8 @@ def instrument() -> None:
     from mod_serve.vllm_internals import attention
 
     if hasattr(attention, "CpuAttentionKernels"):  # routed layers call the same two C++ kernels directly
-        wrap(attention.CpuAttentionKernels, "__call__", "attention")
+        wrap(attention.CpuAttentionKernels, "__call__", "routed kernels")
+        wrap(attention.CpuAttentionKernels, "__call__", "attention")  # (both keys count the call)
     wrap(vm, "routed_attention", "routed attention call")
     if hasattr(vm.MoDLlamaDecoderLayer, "run_routed_graph"):
         # compiled plugin: the router's GEMM and sigmoid are graph ops; its eager part is the
@@ -83,34 +89,60 @@ def instrument() -> None:
     wrap(LlamaForCausalLM, "forward", "model forward")
 
 
-def measure(model: str, batch: int, length: int = 512, steps: int = 24) -> dict[str, float]:
+KEYS = ["step", "scheduler + KV groups", "inputs + metadata", "routing bookkeeping", "model forward",
+        "attention", "routed kernels", "router", "routed attention call", "LM head", "rest of step"]
+
+
+def _run(llm, prompts: list[list[int]], steps: int, tag: str, out: dict[str, list[float]]) -> None:
+    """One batch to its end; each decode step's timers appended to ``out`` (0 where not called)."""
+    from mod_serve import bench
+
+    eng = llm.llm_engine
+    for i, p in enumerate(prompts):
+        eng.add_request(f"{tag}-{i}", {"prompt_token_ids": p}, bench._params(steps + 4))
+    n = 0
+    while eng.has_unfinished_requests():
+        ACC.clear()
+        t = time.perf_counter()
+        eng.step()
+        total = time.perf_counter() - t
+        n += 1
+        if n > 3:  # decode steps only
+            out["step"].append(total)
+            for k in KEYS[1:-1]:
+                out[k].append(ACC.get(k, 0.0))
+
+
+def _medians(out: dict[str, list[float]]) -> dict[str, float]:
+    med = {k: 1e6 * statistics.median(v) for k, v in out.items()}
+    med["rest of step"] = med["step"] - sum(med.get(k, 0) for k in (
+        "scheduler + KV groups", "inputs + metadata", "model forward", "LM head"))
+    return med
+
+
+def measure(models: list[str], batch: int, length: int, together: bool, steps: int = 24, rounds: int = 2):
+    """Per model, the median timers of ``rounds`` batches of ``steps`` decode steps."""
+    import contextlib
+
     from transformers import AutoTokenizer
 
     from mod_serve import bench
 
-    tok = AutoTokenizer.from_pretrained(model)
-    corpus = bench.corpus_token_ids(tok, length * batch + length)
-    out: dict[str, list[float]] = collections.defaultdict(list)
-    with bench.engine(model, 2 << 30, length + 64, DTYPE) as llm:
-        eng = llm.llm_engine
-        for rep in range(2):
-            for i, p in enumerate(bench.prompts_of(corpus, length, batch)):
-                eng.add_request(f"{rep}-{i}", {"prompt_token_ids": p}, bench._params(steps + 4))
-            n = 0
-            while eng.has_unfinished_requests():
-                ACC.clear()
-                t = time.perf_counter()
-                eng.step()
-                total = time.perf_counter() - t
-                n += 1
-                if n > 3:  # decode steps only
-                    out["step"].append(total)
-                    for k, v in ACC.items():
-                        out[k].append(v)
-    med = {k: 1e6 * statistics.median(v + [0.0] * (len(out["step"]) - len(v))) for k, v in out.items()}
-    med["rest of step"] = med["step"] - sum(med.get(k, 0) for k in (
-        "scheduler + KV groups", "inputs + metadata", "model forward", "LM head"))
-    return med
+    tok = AutoTokenizer.from_pretrained(models[0])
+    prompts = bench.prompts_of(bench.corpus_token_ids(tok, length * batch + length), length, batch)
+    outs = [collections.defaultdict(list) for _ in models]
+    if not together:
+        for j, model in enumerate(models):
+            with bench.engine(model, 2 << 30, length + 64, DTYPE) as llm:
+                for r in range(rounds):
+                    _run(llm, prompts, steps, f"{r}", outs[j])
+        return [_medians(o) for o in outs]
+    with contextlib.ExitStack() as stack:
+        llms = [stack.enter_context(bench.engine(m, 2 << 30, length + 64, DTYPE)) for m in models]
+        for r in range(rounds):
+            for j in (range(len(models)) if r % 2 == 0 else reversed(range(len(models)))):
+                _run(llms[j], prompts, steps, f"{r}-{j}", outs[j])
+    return [_medians(o) for o in outs]
 
 
 def main() -> None:
@@ -125,12 +157,12 @@ def main() -> None:
         from mod_serve.default_model import prepare_base
 
         models = [str(prepare_base()), str(work / "mod-all-in"), str(work / "mod-calibrated-0.5")]
-    keys = ["step", "scheduler + KV groups", "inputs + metadata", "routing bookkeeping", "model forward",
-            "attention", "router", "routed attention call", "LM head", "rest of step"]
+    keys = KEYS
+    length = int(os.environ.get("LENGTH", "512"))
+    together = os.environ.get("TOGETHER") == "1"
     rows = []
-    for model in models:
-        for batch in BATCHES:
-            med = measure(model, batch)
+    for batch in BATCHES:
+        for model, med in zip(models, measure(models, batch, length, together)):
             rows.append((Path(model).name, batch, med))
             print(f"{Path(model).name} b{batch}: " + ", ".join(f"{k} {med.get(k, 0):.0f}" for k in keys), flush=True)
     print("\n| model | batch | " + " | ".join(keys) + " |")
