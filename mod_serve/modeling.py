@@ -272,7 +272,7 @@ def greedy_generate(
     """
     cache = RoutedKVCache(model.config.num_hidden_layers)
     routed = {i: 0 for i in model.routing.routed_layers}
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=model.device)
     generated: list[int] = []
     for _ in range(max_new_tokens):
         out = model(ids, cache=cache)
@@ -282,5 +282,5 @@ def greedy_generate(
         generated.append(token)
         if token == eos_token_id:
             break
-        ids = torch.tensor([[token]])
+        ids = torch.tensor([[token]], device=model.device)
     return generated, routed
