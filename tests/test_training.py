@@ -75,10 +75,11 @@ def test_alpha_zero_all_in_keeps_dense_outputs(tmp_path):
     cfg = _cfg(tmp_path, alpha=0.0, max_steps=2, routed_layers=[1, 3, 5], init="keep")
     train(cfg, model=model, train_ids=ids, progress=False)
     model.eval()
-    with torch.no_grad():
-        out = model(ids[:2])
+    with torch.no_grad():  # (on the GPU where there is one: train() leaves the model where it trained)
+        x = ids[:2].to(model.device)
+        out = model(x)
         assert all(m.all() for m in out.routed_masks.values())
-        ref = dense(ids[:2]).logits.float()
+        ref = dense.to(model.device)(x).logits.float()
     torch.testing.assert_close(out.logits, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -126,7 +127,8 @@ def test_trained_checkpoint_loads_in_reference_model_with_identical_routing(tmp_
     tensors, mod = read_routers(save_routers(trained, tmp_path / "routers.safetensors"))
     assert mod["routed_layers"] == [1, 3, 5] and mod["threshold"] == 0.5
     with torch.no_grad():
-        a, b = trained(ids[:4]), loaded(ids[:4])
+        x = ids[:4].to(trained.device)
+        a, b = trained(x), loaded.to(trained.device)(x)
     for j in (1, 3, 5):
         assert torch.equal(a.routed_masks[j], b.routed_masks[j])
         assert 0 < a.routed_masks[j].float().mean() < 1  # routing is really sparse
@@ -144,7 +146,7 @@ def test_topk_trains_and_kv_ratio_formula(tmp_path):
     assert isinstance(model.config, MoDLlamaConfig)
     summary = train(cfg, model=model, train_ids=ids, progress=False)
     with torch.no_grad():
-        fractions = summary["model"](ids[:2]).routed_fraction()
+        fractions = summary["model"](ids[:2].to(summary["model"].device)).routed_fraction()
     assert all(f == math.ceil(0.25 * 24) / 24 for f in fractions.values()), fractions
     assert math.isclose(kv_ratio({1: 0.25, 3: 0.25, 5: 0.25}, 6), (3 + 0.75) / 6)
 
@@ -194,7 +196,8 @@ def test_lora_run_exports_adapter_that_eval_merges(tmp_path):
     trained = summary["model"].eval()
     loaded = load_for_eval(str(tmp_path / "run"))
     with torch.no_grad():
-        a, b = trained(ids[:2]), loaded(ids[:2])
+        x = ids[:2].to(trained.device)
+        a, b = trained(x), loaded.to(trained.device)(x)
     for j in (1, 3, 5):
         assert torch.equal(a.routed_masks[j], b.routed_masks[j])
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
@@ -214,7 +217,7 @@ def test_lora_run_exports_adapter_that_eval_merges(tmp_path):
 
     served = AutoModelForCausalLM.from_pretrained(mod, dtype=torch.float32).eval()
     with torch.no_grad():
-        c = served(ids[:2])
+        c = served.to(trained.device)(x)
     for j in (1, 3, 5):
         assert torch.equal(a.routed_masks[j], c.routed_masks[j])
     torch.testing.assert_close(a.logits, c.logits, rtol=1e-4, atol=1e-4)
