@@ -11,24 +11,15 @@ import pytest
 import torch
 
 from mod_serve.modeling import RoutedKVCache, greedy_generate
-from tests.conftest import TINY, tiny_mod
+from tests.test_hf_generate import NEW, _left_padded, _prompts
+from tests.test_hf_generate import _model as hf_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
-NEW = 12
-LENGTHS = (7, 16, 1, 11)
-
-
-def _prompts():
-    return [torch.randint(3, TINY["vocab_size"], (n,), generator=torch.Generator().manual_seed(n)).tolist()
-            for n in LENGTHS]
-
 
 def _model():
-    model = tiny_mod(routed_layers=(1, 2, 4, 5))
+    model = hf_model()
     model.config.mod = {**model.config.mod, "sink_tokens": 1}
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
     return model
 
 
@@ -62,11 +53,8 @@ def test_float32_on_cuda_routes_and_decodes_as_on_cpu():
 def test_left_padded_batch_on_cuda_equals_each_sequence_alone():
     model = _model().cuda()
     prompts = _prompts()
-    width = max(map(len, prompts))
-    ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p):], mask[b, width - len(p):] = torch.tensor(p), 1
+    ids, mask = _left_padded(prompts)
+    width = ids.shape[1]
     cache = RoutedKVCache(model.config.num_hidden_layers)
     out = model.generate(ids.cuda(), attention_mask=mask.cuda(), past_key_values=cache, max_new_tokens=NEW,
                          do_sample=False)
