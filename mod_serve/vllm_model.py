@@ -30,6 +30,7 @@ from vllm.sequence import IntermediateTensors
 from .config import RoutingConfig
 from .modeling import force_sink, gated_update, router_probs
 from .vllm_internals import RoutingState, make_attention_routed, routed_attention, shared_metadata_backend
+from .vllm_internals.gemm import accept_empty_inputs
 from .vllm_internals.routed_op import (
     add_rms_norm,
     attend,
@@ -65,6 +66,7 @@ class MoDLlamaDecoderLayer(LlamaDecoderLayer):
             # A plain float32 Linear: the router is tiny, replicated, and its math is float32.
             self.router = nn.Linear(config.hidden_size, 1, bias=True, dtype=torch.float32)
             make_attention_routed(self.self_attn.attn, self.layer_index)
+            accept_empty_inputs(self)  # its linears see only its routed tokens, maybe none
             routing_state.attn_names[self.routed_slot] = self.self_attn.attn.layer_name
             self.op_name = register_routed_layer(self, prefix)
         else:

@@ -1,0 +1,73 @@
+"""Routed layers' linear layers take zero rows (``mod_serve.vllm_internals.gemm``): a routed layer
+sees only its routed tokens, maybe none, and vLLM's sgl-kernel GEMM (small bf16 weights on AMX
+CPUs) dies with SIGFPE on an empty input."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from torch import nn
+from vllm import SamplingParams
+from vllm.model_executor.layers import utils as layer_utils
+from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+from mod_serve.vllm_internals.gemm import AnyRowsLinearMethod
+from tests.test_vllm_layouts import MAX_TOKENS, random_prompts, small_mod_dir
+from tests.vllm_helpers import COMPILED, inproc_llm, worker
+
+
+def _linear(n=64, k=128, dtype=torch.bfloat16):
+    layer = nn.Module()
+    layer.weight = nn.Parameter(torch.randn(n, k, generator=torch.Generator().manual_seed(0)).to(dtype),
+                                requires_grad=False)
+    layer.bias = None
+    return layer
+
+
+def test_routed_linears_skip_sgl_kernel_and_take_zero_rows():
+    """Where vLLM would pick sgl-kernel's GEMM (as on an AMX CPU, simulated), a routed layer's
+    linear takes vLLM's next path, which returns an empty output for an empty input and the
+    product for any other."""
+    layer = _linear()
+    weight = layer.weight.detach().float().clone()
+    with mock.patch.object(layer_utils, "check_cpu_sgl_kernel", return_value=True), \
+            mock.patch.object(layer_utils.ops, "weight_packed_linear_cpu", side_effect=AssertionError("sgl-kernel GEMM")):
+        AnyRowsLinearMethod().process_weights_after_loading(layer)
+        assert layer.weight.numel() == 0  # vLLM's dispatch ran (it drops the unpacked weight)
+        assert layer.cpu_linear(torch.empty(0, 128, dtype=torch.bfloat16), None, None).shape == (0, 64)
+        x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+        got = layer.cpu_linear(x, None, None)
+        assert layer_utils.check_cpu_sgl_kernel(64, 128, torch.bfloat16) is True  # vLLM's choice restored
+    torch.testing.assert_close(got.float(), x.float() @ weight.t(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.slow
+def test_bf16_compiled_engine_with_layers_that_route_nothing(tmp_path):
+    """How ``mod-serve serve`` runs a checkpoint on a CPU with AVX-512 BF16: bf16, compiled. vLLM's
+    warm-up routes nothing, and at p = 1 no token enters any routed layer in any step; the
+    engine serves both that request and one at the checkpoint's p. Only routed layers changed
+    their GEMM path; the others keep vLLM's."""
+    model_dir = small_mod_dir(tmp_path / "m", [1, 2, 3, 5])
+    prompts = random_prompts(n=2, seed=3)
+    with inproc_llm(str(model_dir), dtype="bfloat16", skip_tokenizer_init=True, max_model_len=512, **COMPILED) as llm:
+        model = worker(llm).model_runner.model
+        methods = {i: {type(m.quant_method) for m in layer.modules() if hasattr(m, "quant_method")}
+                   for i, layer in enumerate(model.model.layers)}
+        assert all(methods[i] == ({AnyRowsLinearMethod} if i in (1, 2, 3, 5) else {UnquantizedLinearMethod})
+                   for i in methods), methods
+        state = model.routing_state
+
+        def generate(p):
+            params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True,
+                                    extra_args=None if p is None else {"mod_threshold": p})
+            before = state.totals_routed.copy()
+            outs = llm.generate([{"prompt_token_ids": q} for q in prompts], params)
+            assert [len(o.outputs[0].token_ids) for o in outs] == [MAX_TOKENS] * len(prompts)
+            return state.totals_routed - before
+
+        assert generate(1.0).tolist() == [0, 0, 0, 0]  # every step, every routed layer: zero rows
+        routed = generate(None)
+        tokens = sum(len(q) + MAX_TOKENS - 1 for q in prompts)
+        assert all(0 < n < tokens for n in routed.tolist()), routed
