@@ -267,8 +267,10 @@ def run(args) -> dict:
     models = {k: v for k, v in models.items() if k in args.models or k == "dense"}
     tok = AutoTokenizer.from_pretrained(models["dense"])
     longest = max(args.lengths)
-    corpus = corpus_token_ids(tok, longest * max(args.batches) + longest)
+    corpus = corpus_token_ids(tok, max(longest * max(args.batches) + longest, 2 * args.concurrency_length))
     max_len = longest + args.decode_tokens + BLOCK_SIZE
+    # the concurrency phase has its own prompt length (--concurrency-length), maybe above every timed one
+    conc_len = max(max_len, args.concurrency_length + args.decode_tokens + BLOCK_SIZE)
     import torch
 
     results: dict = {"models": models, "args": vars(args), "timing": {}, "kv": {}, "concurrency": {}, "routing": {},
@@ -290,7 +292,7 @@ def run(args) -> dict:
             continue  # same KV footprint as dense
         _log(f"{name}: concurrency under a {args.budget_mib} MiB KV budget")
         # a count of the scheduler's, the same compiled or not: eager spares a compile per model
-        with engine(path, args.budget_mib << 20, max_len, args.dtype, max_num_seqs=256, eager=True) as llm:
+        with engine(path, args.budget_mib << 20, conc_len, args.dtype, max_num_seqs=256, eager=True) as llm:
             conc_prompts = prompts_of(corpus, args.concurrency_length, args.concurrency_requests)
             results["concurrency"][name] = peak_concurrency(llm, conc_prompts, args.decode_tokens)
             _log(f"  peak running requests of {args.concurrency_length} tokens: {results['concurrency'][name]}")
