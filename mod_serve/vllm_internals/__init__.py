@@ -23,6 +23,8 @@ One module per vLLM seam:
 * ``attention``: the backend-generic routed attention call (compact metadata through the
   layer's own backend builder, then the backend impl's cache write and kernel; on the CPU, vLLM's
   two CPU attention kernels called with the layer's constant arguments bound once);
+* ``gemm``: routed layers' linear layers dispatched to a CPU GEMM that takes zero rows (vLLM's
+  sgl-kernel GEMM, which it picks for small bf16 weights on AMX CPUs, does not);
 * ``routed_op``: the compile seam, the custom ops a routed layer runs eagerly inside vLLM's
   compiled graph (``route``, ``routed_attention``) or, with ``enforce_eager``, as a whole
   (``routed_layer``).
