@@ -1,6 +1,6 @@
 """One engine's decode steps under the torch profiler: the ops with the most self time per step.
 
-    LENGTH=2048 .venv/bin/python scripts/profile_step.py MODEL_DIR
+    LENGTH=2048 [DTYPE=bfloat16] .venv/bin/python scripts/profile_step.py MODEL_DIR
 
 Batch 1, a LENGTH-token prompt (default 2048), float32, 1 OpenMP thread as served; the second of
 two requests is profiled from its fourth step (decode steps only). Per op: calls, self and total
@@ -28,7 +28,7 @@ def main() -> None:
     length = int(os.environ.get("LENGTH", "2048"))
     tok = AutoTokenizer.from_pretrained(model)
     prompt = bench.prompts_of(bench.corpus_token_ids(tok, 2 * length), length, 1)[0]
-    with bench.engine(model, 2 << 30, length + 64, "float32") as llm:
+    with bench.engine(model, 2 << 30, length + 64, os.environ.get("DTYPE", "float32")) as llm:
         eng = llm.llm_engine
         for rep in range(2):  # the first request warms up
             eng.add_request(f"r{rep}", {"prompt_token_ids": prompt}, bench._params(DECODE_TOKENS))

@@ -44,14 +44,16 @@ def test_routed_linears_skip_sgl_kernel_and_take_zero_rows():
 
 
 @pytest.mark.slow
-def test_bf16_compiled_engine_with_layers_that_route_nothing(tmp_path):
-    """How ``mod-serve serve`` runs a checkpoint on a CPU with AVX-512 BF16: bf16, compiled. vLLM's
-    warm-up routes nothing, and at p = 1 no token enters any routed layer in any step; the
-    engine serves both that request and one at the checkpoint's p. Only routed layers changed
-    their GEMM path; the others keep vLLM's."""
+@pytest.mark.parametrize("mode", ["compiled", "eager"])
+def test_bf16_engine_with_layers_that_route_nothing(mode, tmp_path):
+    """How ``mod-serve serve`` runs a checkpoint on a CPU with AVX-512 BF16: bf16, compiled (or
+    eager). vLLM's warm-up routes nothing, and at p = 1 no token enters any routed layer in any
+    step; the engine serves both that request and one at the checkpoint's p. Only routed layers
+    changed their GEMM path; the others keep vLLM's."""
     model_dir = small_mod_dir(tmp_path / "m", [1, 2, 3, 5])
     prompts = random_prompts(n=2, seed=3)
-    with inproc_llm(str(model_dir), dtype="bfloat16", skip_tokenizer_init=True, max_model_len=512, **COMPILED) as llm:
+    with inproc_llm(str(model_dir), dtype="bfloat16", skip_tokenizer_init=True, max_model_len=512,
+                    **(COMPILED if mode == "compiled" else {})) as llm:
         model = worker(llm).model_runner.model
         methods = {i: {type(m.quant_method) for m in layer.modules() if hasattr(m, "quant_method")}
                    for i, layer in enumerate(model.model.layers)}
