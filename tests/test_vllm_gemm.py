@@ -46,8 +46,8 @@ def test_routed_linears_skip_sgl_kernel_and_take_zero_rows():
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["compiled", "eager"])
 def test_bf16_engine_with_layers_that_route_nothing(mode, tmp_path):
-    """How ``mod-serve serve`` runs a checkpoint on a CPU with AVX-512 BF16: bf16, compiled (or
-    eager). vLLM's warm-up routes nothing, and at p = 1 no token enters any routed layer in any
+    """A checkpoint's dtype (bf16) as ``mod-serve bench`` and ``serve --no-enforce-eager`` run it on
+    a CPU with AVX-512 BF16: compiled (and eager, serve's default). vLLM's warm-up routes nothing, and at p = 1 no token enters any routed layer in any
     step; the engine serves both that request and one at the checkpoint's p. Only routed layers
     changed their GEMM path; the others keep vLLM's."""
     model_dir = small_mod_dir(tmp_path / "m", [1, 2, 3, 5])

@@ -5,7 +5,8 @@ skips the layer (or in vLLM's warm-up runs, which route nothing) that is none. v
 dispatch (``dispatch_cpu_unquantized_gemm``) sends small bf16/fp16 weights (at most 1 MiB) to
 sgl-kernel's ``weight_packed_linear`` on CPUs with AMX, and that kernel divides by the row
 count: an empty input kills the engine with SIGFPE (SmolLM2-135M's ``o_proj`` in bf16 on an
-AMX Xeon, at start-up). vLLM's dense models never multiply zero rows, so only routed layers
+AMX Xeon, at a compiled engine's start-up; the eager routed layer returns before its GEMMs when
+nothing is routed). vLLM's dense models never multiply zero rows, so only routed layers
 need another path: there the dispatch skips sgl-kernel and takes the path vLLM uses for every
 larger weight (oneDNN's ``onednn_mm``, which returns an empty output for an empty input, or
 ``torch.nn.functional.linear``). Everything else about the dispatch is vLLM's.
