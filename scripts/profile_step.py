@@ -2,7 +2,7 @@
 
     LENGTH=2048 [DTYPE=bfloat16] .venv/bin/python scripts/profile_step.py MODEL_DIR
 
-Batch 1, a LENGTH-token prompt (default 2048), float32, 1 OpenMP thread as served; the second of
+Batch 1, a LENGTH-token prompt (default 2048), float32 (or DTYPE), 1 OpenMP thread as served; the second of
 two requests is profiled from its fourth step (decode steps only). Per op: calls, self and total
 CPU microseconds per step (profiler overhead included: compare models profiled the same way).
 """
