@@ -44,6 +44,8 @@ def test_routed_linears_skip_sgl_kernel_and_take_zero_rows():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(),
+                    reason="bf16 is the bench's dtype only on CPUs with AVX-512 BF16 (float32 elsewhere)")
 @pytest.mark.parametrize("mode", ["compiled", "eager"])
 def test_bf16_engine_with_layers_that_route_nothing(mode, tmp_path):
     """A checkpoint's dtype (bf16) as ``mod-serve bench`` and ``serve --no-enforce-eager`` run it on
