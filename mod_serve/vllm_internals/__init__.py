@@ -23,6 +23,8 @@ One module per vLLM seam:
 * ``attention``: the backend-generic routed attention call (compact metadata through the
   layer's own backend builder, then the backend impl's cache write and kernel; on the CPU, vLLM's
   two CPU attention kernels called with the layer's constant arguments bound once);
+* ``cpu_decode``: on the CPU, a routed layer's attention in a decode step (compaction, compact
+  metadata, vLLM's two CPU attention kernels) as one C++ call (``cpu_decode.cpp``);
 * ``gemm``: routed layers' linear layers dispatched to a CPU GEMM that takes zero rows (vLLM's
   sgl-kernel GEMM, which it picks for small bf16 weights on AMX CPUs, does not);
 * ``routed_op``: the compile seam, the custom ops a routed layer runs eagerly inside vLLM's

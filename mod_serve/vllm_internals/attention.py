@@ -132,6 +132,8 @@ class LayerStep:
     builder: object
     block_table: torch.Tensor  # [num_reqs, blocks] in kernel blocks
     block_size: int  # the kernel's block size
+    prior: torch.Tensor | None = None  # this layer's row of the step's prior counts (CPU, int64)
+    new: torch.Tensor | None = None  # this layer's row of the step's new counts (written)
     # Decode steps: the slots if every request's token is routed in. A routed token's compact
     # index is then its request's prior count, whatever the other requests do, so ``slots[idx]``
     # are the slots of any routed subset. The all-in metadata is built at first use.
@@ -141,17 +143,23 @@ class LayerStep:
 
 def _layer_steps(step: RoutingStep) -> dict[int, LayerStep]:
     md_of = get_forward_context().attn_metadata
+    priors, news = step.prior.unbind(0), step.new.unbind(0)
     out = {}
     for slot, name in step.attn_names.items():
         step_md: RoutedStepMetadata = md_of[name]
         builder = step_md.builder
-        ls = out[slot] = LayerStep(builder, step_md.common.block_table_tensor[: step.num_reqs],
-                                   builder.kv_cache_spec.block_size)
-        if step.is_decode:
-            rows, column, offset, _ = step.decode_host(ls.block_size)
-            ls.decode_slots = torch.from_numpy(ls.block_table.numpy()[rows, column[slot]] * np.int64(ls.block_size)
-                                               + offset[slot])
+        out[slot] = LayerStep(builder, step_md.common.block_table_tensor[: step.num_reqs],
+                              builder.kv_cache_spec.block_size, priors[slot], news[slot])
     return out
+
+
+def _decode_slots(step: RoutingStep, slot: int, ls: LayerStep) -> torch.Tensor:
+    """A decode step's slots of one routed layer if every request's token is routed in."""
+    if ls.decode_slots is None:
+        rows, column, offset, _ = step.decode_host(ls.block_size)
+        ls.decode_slots = torch.from_numpy(ls.block_table.numpy()[rows, column[slot]] * np.int64(ls.block_size)
+                                           + offset[slot])
+    return ls.decode_slots
 
 
 def _metadata(step: RoutingStep, slot: int, ls: LayerStep, n: int, slots, seq_lens, qsl, key: tuple | None):
@@ -194,19 +202,23 @@ def routed_attention(attn, step: RoutingStep, slot: int, routed_idx: torch.Tenso
     upper bounds.
     """
     n = routed_idx.numel()
-    out = torch.empty(n, attn.num_heads, attn.head_size_v, dtype=q.dtype, device=q.device)
     if q.device.type == "cpu":
         layer_steps = step.layer_steps
         if layer_steps is None:
             layer_steps = step.layer_steps = _layer_steps(step)
-        slots, metadata = _compact_host(step, slot, routed_idx, layer_steps[slot])
+        ls = layer_steps[slot]
         kernels = attn.mod_cpu_kernels
         if kernels is None or (kernels and kernels.kv_cache is not attn.kv_cache):
-            kernels = attn.mod_cpu_kernels = CpuAttentionKernels.bind(attn)
+            kernels = attn.mod_cpu_kernels = CpuAttentionKernels.bind(attn, ls.builder)
+        if kernels and kernels.decode is not None and step.is_decode:  # the C++ call (``cpu_decode``)
+            return kernels.decode(q, k, v, routed_idx, ls.prior, ls.new, ls.block_table)
+        out = torch.empty(n, attn.num_heads, attn.head_size_v, dtype=q.dtype, device=q.device)
+        slots, metadata = _compact_host(step, slot, routed_idx, ls)
         if kernels:
             kernels(q, k, v, slots, metadata, out)
             return out.view(n, attn.num_heads * attn.head_size_v)
     else:
+        out = torch.empty(n, attn.num_heads, attn.head_size_v, dtype=q.dtype, device=q.device)
         step_md: RoutedStepMetadata = get_forward_context().attn_metadata[attn.layer_name]
         ls = LayerStep(step_md.builder, step_md.common.block_table_tensor[: step.num_reqs],
                        step_md.builder.kv_cache_spec.block_size, None)
@@ -236,15 +248,20 @@ class CpuAttentionKernels:
     as ``Attention.forward`` would. It binds again if the layer's KV cache tensor is replaced."""
 
     @classmethod
-    def bind(cls, attn):
+    def bind(cls, attn, builder=None):
         from vllm.v1.attention.backend import AttentionType
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadataBuilder
 
         impl = attn.impl
         if (type(impl) is not CPUAttentionBackendImpl or impl.attn_type != AttentionType.DECODER
                 or (impl.sinks is not None and impl.sinks.dtype not in (torch.bfloat16, torch.float32))):
             return False
-        return cls(attn)
+        kernels = cls(attn)
+        if builder is not None and type(builder).__mro__[1] is CPUAttentionMetadataBuilder:
+            from .cpu_decode import bind
+
+            kernels.decode = bind(kernels, builder)  # the decode step as one C++ call, if built
+        return kernels
 
     def __init__(self, attn):
         impl = attn.impl
@@ -256,6 +273,7 @@ class CpuAttentionKernels:
         self.isa, self.k_scale, self.v_scale = attn.isa, attn._k_scale_float, attn._v_scale_float
         self.dtype, self.scale, self.alibi_slopes = impl.kv_cache_dtype, impl.scale, impl.alibi_slopes
         self.sliding_window, self.softcap, self.sinks = impl.sliding_window, impl.logits_soft_cap, impl.sinks
+        self.decode = None
 
     def __call__(self, q, k, v, slots, metadata, out) -> None:
         n = q.shape[0]
@@ -307,8 +325,8 @@ def _compact_host(step: RoutingStep, slot: int, routed_idx, ls: LayerStep):
     small torch ops per routed layer and step."""
     new = step.new_host[slot]  # this layer's row, filled in place
     n = routed_idx.shape[0]
-    slots = ls.decode_slots
-    if slots is not None:  # token i is request i's only token: its compact index is prior[i]
+    if step.is_decode:  # token i is request i's only token: its compact index is prior[i]
+        slots = _decode_slots(step, slot, ls)
         if n == step.num_reqs:  # every request's token routed in
             new[:] = 1
             if ls.decode_metadata is None:

@@ -1,0 +1,141 @@
+// A routed layer's attention in a decode step on the CPU, as one C++ call.
+//
+// The Python path (attention.py: _compact_host, _metadata, CpuAttentionKernels) does the same
+// work with ~20 Python operations per routed layer and step; here it is one call:
+//   1. compaction: request r's token (token r of a decode step) routed in gets compact index
+//      prior[r], stored in slot block_table[r, prior[r] / B] * B + prior[r] % B; new[r] = 1;
+//   2. the compact metadata vLLM's CPU builder would build: query_start_loc = [0, cumsum(new)],
+//      seq_lens = prior + new, and its scheduler metadata (_C::get_scheduler_metadata);
+//   3. vLLM's two CPU attention kernels (_C::cpu_attn_reshape_and_cache, then
+//      _C::cpu_attention_with_kv_cache) with the layer's constant arguments.
+// The kernels are vLLM's own, found through the dispatcher by name and called boxed, so this
+// file depends on their schemas only (vLLM 0.32; checked by tests/test_vllm_cpu_decode.py).
+#include <torch/extension.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <string>
+#include <vector>
+
+namespace {
+
+c10::OperatorHandle find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+}
+
+struct DecodeAttention {
+  // the layer's KV cache, as vLLM's CPU impl views it: [blocks, kv heads, block size, head size]
+  at::Tensor key_cache, value_cache;
+  int64_t num_heads, num_kv_heads, head_size, head_size_v, block_size;
+  double scale, k_scale, v_scale, softcap;
+  int64_t sliding_window;
+  std::string isa, kv_cache_dtype;
+  c10::optional<at::Tensor> alibi_slopes, sinks;
+  // what vLLM's CPU metadata builder of the layer's KV cache group passes to its scheduler
+  int64_t md_num_heads, md_num_kv_heads, md_head_dim, md_window;
+  c10::ScalarType md_dtype;
+  std::string md_isa, md_kv_cache_dtype;
+  bool kv_split;
+  c10::OperatorHandle scheduler_op, cache_op, attention_op;
+
+  DecodeAttention(at::Tensor key_cache, at::Tensor value_cache, std::vector<int64_t> shape,
+                  std::vector<double> scales, int64_t sliding_window, std::string isa,
+                  std::string kv_cache_dtype, c10::optional<at::Tensor> alibi_slopes,
+                  c10::optional<at::Tensor> sinks, std::vector<int64_t> md, const at::Tensor& md_dtype,
+                  std::string md_isa, std::string md_kv_cache_dtype, bool kv_split)
+      : key_cache(std::move(key_cache)),
+        value_cache(std::move(value_cache)),
+        num_heads(shape.at(0)),
+        num_kv_heads(shape.at(1)),
+        head_size(shape.at(2)),
+        head_size_v(shape.at(3)),
+        block_size(shape.at(4)),
+        scale(scales.at(0)),
+        k_scale(scales.at(1)),
+        v_scale(scales.at(2)),
+        softcap(scales.at(3)),
+        sliding_window(sliding_window),
+        isa(std::move(isa)),
+        kv_cache_dtype(std::move(kv_cache_dtype)),
+        alibi_slopes(std::move(alibi_slopes)),
+        sinks(std::move(sinks)),
+        md_num_heads(md.at(0)),
+        md_num_kv_heads(md.at(1)),
+        md_head_dim(md.at(2)),
+        md_window(md.at(3)),
+        md_dtype(md_dtype.scalar_type()),  // the builder's model dtype, carried by an empty tensor
+        md_isa(std::move(md_isa)),
+        md_kv_cache_dtype(std::move(md_kv_cache_dtype)),
+        kv_split(kv_split),
+        scheduler_op(find_op("_C::get_scheduler_metadata")),
+        cache_op(find_op("_C::cpu_attn_reshape_and_cache")),
+        attention_op(find_op("_C::cpu_attention_with_kv_cache")) {}
+
+  // q [n, heads * head size], k and v [n, kv heads * head size] of the routed tokens; idx [n]
+  // their batch rows (sorted); prior [reqs] and new [reqs] (int64, written) this layer's row of
+  // the step's counts; block_table [reqs, blocks] (int32) this layer's. Returns [n, heads * head size v].
+  at::Tensor operator()(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx,
+                        const at::Tensor& prior, at::Tensor new_row, const at::Tensor& block_table) {
+    const int64_t n = idx.size(0), reqs = prior.size(0);
+    TORCH_CHECK(idx.scalar_type() == at::kLong && prior.scalar_type() == at::kLong &&
+                    new_row.scalar_type() == at::kLong && block_table.scalar_type() == at::kInt,
+                "mod-serve decode attention: unexpected index dtypes");
+    TORCH_CHECK(prior.is_contiguous() && new_row.is_contiguous() && idx.is_contiguous() &&
+                    block_table.stride(1) == 1 && block_table.size(0) >= reqs && new_row.size(0) == reqs,
+                "mod-serve decode attention: unexpected index layouts");
+    const int64_t* rows = idx.data_ptr<int64_t>();
+    const int64_t* pr = prior.data_ptr<int64_t>();
+    int64_t* nw = new_row.data_ptr<int64_t>();
+    const int32_t* bt = block_table.data_ptr<int32_t>();
+    const int64_t bt_stride = block_table.stride(0), bt_cols = block_table.size(1);
+
+    auto i64 = at::TensorOptions().dtype(at::kLong);
+    auto i32 = at::TensorOptions().dtype(at::kInt);
+    at::Tensor slots = at::empty({n}, i64), seq_lens = at::empty({reqs}, i32), qsl = at::empty({reqs + 1}, i32);
+    int64_t* sl = slots.data_ptr<int64_t>();
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t r = rows[j];
+      TORCH_CHECK(r >= 0 && r < reqs && (j == 0 || r > rows[j - 1]), "mod-serve decode attention: bad routed rows");
+      const int64_t c = pr[r], col = c / block_size;
+      TORCH_CHECK(col < bt_cols, "mod-serve decode attention: compact index past the block table");
+      nw[r] = 1;
+      sl[j] = static_cast<int64_t>(bt[r * bt_stride + col]) * block_size + c % block_size;
+    }
+    int32_t* q_loc = qsl.data_ptr<int32_t>();
+    int32_t* lens = seq_lens.data_ptr<int32_t>();
+    q_loc[0] = 0;
+    for (int64_t r = 0; r < reqs; ++r) {
+      q_loc[r + 1] = q_loc[r] + static_cast<int32_t>(nw[r]);
+      lens[r] = static_cast<int32_t>(pr[r] + nw[r]);
+    }
+    at::Tensor table = block_table.narrow(0, 0, reqs);
+
+    torch::jit::Stack stack{reqs, md_num_heads, md_num_kv_heads, md_head_dim, seq_lens, md_dtype, qsl,
+                            true, md_window, md_isa, kv_split, c10::IValue(), md_kv_cache_dtype};
+    scheduler_op.callBoxed(stack);
+    at::Tensor scheduler_metadata = stack.at(0).toTensor();
+
+    stack = {k.view({n, num_kv_heads, head_size}), v.view({n, num_kv_heads, head_size_v}), key_cache, value_cache,
+             slots, isa, k_scale, v_scale, kv_cache_dtype};
+    cache_op.callBoxed(stack);
+
+    at::Tensor out = at::empty({n, num_heads, head_size_v}, q.options());
+    c10::IValue alibi = alibi_slopes ? c10::IValue(*alibi_slopes) : c10::IValue();
+    c10::IValue s_aux = sinks ? c10::IValue(*sinks) : c10::IValue();
+    stack = {q.view({n, num_heads, head_size}), key_cache, value_cache, out, qsl, seq_lens, scale, true, alibi,
+             c10::SymInt(sliding_window), table, softcap, scheduler_metadata, s_aux, c10::IValue(),
+             k_scale, v_scale, kv_cache_dtype};
+    attention_op.callBoxed(stack);
+    return out.view({n, num_heads * head_size_v});
+  }
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<DecodeAttention>(m, "DecodeAttention")
+      .def(pybind11::init<at::Tensor, at::Tensor, std::vector<int64_t>, std::vector<double>, int64_t, std::string,
+                          std::string, c10::optional<at::Tensor>, c10::optional<at::Tensor>, std::vector<int64_t>,
+                          at::Tensor, std::string, std::string, bool>())
+      .def("__call__", &DecodeAttention::operator());
+}
