@@ -34,6 +34,7 @@ from .vllm_internals.gemm import accept_empty_inputs
 from .vllm_internals.routed_op import (
     add_rms_norm,
     attend,
+    cpu_ops,
     register_routed_layer,
     rms_norm,
     rotary,
@@ -69,6 +70,9 @@ class MoDLlamaDecoderLayer(LlamaDecoderLayer):
             accept_empty_inputs(self)  # its linears see only its routed tokens, maybe none
             routing_state.attn_names[self.routed_slot] = self.self_attn.attn.layer_name
             self.op_name = register_routed_layer(self, prefix)
+            self.self_attn.attn.mod_op_name = self.op_name  # the C++ ops find its decode call by it
+            # on the CPU the compiled graph calls the ops' C++ twins, if they are built
+            self.cpp_ops = vllm_config.device_config.device_type == "cpu" and cpu_ops()
         else:
             attn = self.self_attn.attn
             attn.attn_backend = shared_metadata_backend(attn.attn_backend)
@@ -105,14 +109,14 @@ class MoDLlamaDecoderLayer(LlamaDecoderLayer):
         g = router_probs(self.router, h)
         if self.routing.sink_tokens:
             g, _ = force_sink(g, positions, self.routing.sink_tokens)
-        idx = route(g, self.op_name)
+        idx = route(g, self.op_name, self.cpp_ops)
         h_in = h.index_select(0, idx)
         attn = self.self_attn
         x = self.input_layernorm(h_in)
         qkv, _ = attn.qkv_proj(x)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q, k = rotary_graph(attn.rotary_emb, positions.index_select(0, idx), q, k, attn.num_heads, attn.num_kv_heads)
-        out, _ = attn.o_proj(attend(q, k, v, idx, self.op_name))
+        out, _ = attn.o_proj(attend(q, k, v, idx, self.op_name, self.cpp_ops))
         x, residual = self.post_attention_layernorm(out, h_in)
         out = self.mlp(x) + residual
         return h.index_copy(0, idx, gated_update(h_in, out, g.index_select(0, idx)))

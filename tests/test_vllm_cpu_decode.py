@@ -97,24 +97,84 @@ def test_decode_attention_refuses_rows_out_of_order():
         op(q, kv, kv, torch.tensor([1, 0]), torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), table)
 
 
+def _route_op_python(layer_name: str):
+    """A routed layer whose Python ``route`` op records its calls (the C++ op's fallback)."""
+    from mod_serve.vllm_internals.routed_op import register_routed_layer
+
+    class Layer:
+        calls = []
+
+        def route(self, g):
+            self.calls.append(g)
+            return torch.tensor([-1])
+
+    layer = Layer()
+    return layer, register_routed_layer(layer, layer_name)
+
+
+def test_route_op_decides_like_torch_and_defers_to_python_outside_a_step():
+    """``mod_serve::route_cpu`` is ``(g >= p).nonzero()`` as torch computes it for a float32 tensor
+    and a Python float (p rounded to float32: 0.7 routes a gate of float32(0.7), which a float64
+    comparison would not), over the step's tokens only (padding rows never route); outside a step
+    the C++ op calls the Python op."""
+    from mod_serve.vllm_internals.routed_op import cpu_ops, route
+
+    assert cpu_ops()
+    ext = cpu_decode.extension()
+    layer, name = _route_op_python("model.layers.0")
+    empty = torch.empty(0, dtype=torch.int64)
+    g = torch.rand(40, generator=torch.Generator().manual_seed(0))
+    g[[3, 9]] = torch.tensor(0.7, dtype=torch.float32)
+    assert float(g[3]) < 0.7  # float32(0.7) is below 0.7
+    try:
+        for p, tokens in [(0.7, 40), (0.7, 33), (0.0, 40), (1.0, 40), (0.25, 1)]:
+            ext.set_step(True, p, tokens, False, empty, empty, [])
+            got = route(g, name, in_cpp=True)
+            assert torch.equal(got, (g[:tokens] >= p).nonzero().squeeze(-1)), (p, tokens)
+        ext.set_step(True, 0.7, 40, False, empty, empty, [])
+        assert {3, 9} <= set(route(g, name, in_cpp=True).tolist())
+        assert not layer.calls
+        ext.set_step(False, 0.0, 40, False, empty, empty, [])  # e.g. per-request thresholds
+        assert route(g, name, in_cpp=True).tolist() == [-1] and len(layer.calls) == 1
+        ext.clear_step()
+        assert route(g, name, in_cpp=True).tolist() == [-1] and len(layer.calls) == 2
+    finally:
+        ext.clear_step()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["compiled", "eager"])
 def test_engine_decode_steps_take_the_cpp_call(mode, tmp_path, monkeypatch):
     """Decode steps of every routed layer go through the C++ call (the Python compaction then runs
-    for prefill steps only), and the engine still serves like the reference model: greedy tokens
-    and per-layer routed counts."""
+    for prefill steps only); compiled, the graph's C++ ops decide every step with one threshold and
+    no prefix-cache boundary, and attend in every decode step (a prefill step binds each layer).
+    The engine still serves like the reference model: greedy tokens and per-layer routed counts."""
     from mod_serve.vllm_internals import attention
+    from mod_serve.vllm_model import MoDLlamaDecoderLayer
     from tests.test_vllm_layouts import MAX_TOKENS, random_prompts, small_mod_dir
     from tests.vllm_helpers import COMPILED, greedy, inproc_llm, reference_generate, token_ids, worker
 
-    python_path = []
+    python_path, python_ops = [], []
     compact_host = attention._compact_host
+    route, attend = MoDLlamaDecoderLayer.route, MoDLlamaDecoderLayer.attend
 
     def recording(step, *args):
         python_path.append(step.is_decode)
         return compact_host(step, *args)
 
+    def recording_route(self, g):
+        step = self.routing_state.step
+        python_ops.append(("route", step is not None and step.crossings is None))
+        return route(self, g)
+
+    def recording_attend(self, q, k, v, idx):
+        step = self.routing_state.step
+        python_ops.append(("attend", step is not None and step.is_decode))
+        return attend(self, q, k, v, idx)
+
     monkeypatch.setattr(attention, "_compact_host", recording)
+    monkeypatch.setattr(MoDLlamaDecoderLayer, "route", recording_route)
+    monkeypatch.setattr(MoDLlamaDecoderLayer, "attend", recording_attend)
     model_dir = small_mod_dir(tmp_path / "m", [0, 2, 3, 5])
     prompts = random_prompts()
     want, want_routed = reference_generate(model_dir, prompts, MAX_TOKENS)
@@ -128,3 +188,9 @@ def test_engine_decode_steps_take_the_cpp_call(mode, tmp_path, monkeypatch):
     assert {int(layer): n for layer, n in stats["routed_tokens"].items()} == want_routed
     assert len(bound) == 4 and all(kernels and kernels.decode is not None for kernels in bound)
     assert python_path and not any(python_path)  # prefill steps only
+    if mode == "compiled":
+        assert ("route", False) in python_ops and ("route", True) not in python_ops
+        # prefill steps bind each layer's C++ call; every decode step then attends without Python
+        assert ("attend", False) in python_ops and ("attend", True) not in python_ops
+    else:  # eager: the whole routed layer is one Python op, which never calls these two
+        assert not python_ops

@@ -28,6 +28,7 @@ from vllm.forward_context import get_forward_context
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.kv_cache_interface import AttentionSpec
 
+from . import cpu_decode
 from .kv import RoutedAttentionSpec
 from .routing import RoutingStep
 
@@ -210,6 +211,8 @@ def routed_attention(attn, step: RoutingStep, slot: int, routed_idx: torch.Tenso
         kernels = attn.mod_cpu_kernels
         if kernels is None or (kernels and kernels.kv_cache is not attn.kv_cache):
             kernels = attn.mod_cpu_kernels = CpuAttentionKernels.bind(attn, ls.builder)
+            if kernels and kernels.decode is not None:  # later decode steps: straight from the graph
+                cpu_decode.extension().bind_layer(attn.mod_op_name, slot, kernels.decode)
         if kernels and kernels.decode is not None and step.is_decode:  # the C++ call (``cpu_decode``)
             return kernels.decode(q, k, v, routed_idx, ls.prior, ls.new, ls.block_table)
         out = torch.empty(n, attn.num_heads, attn.head_size_v, dtype=q.dtype, device=q.device)
@@ -258,9 +261,7 @@ class CpuAttentionKernels:
             return False
         kernels = cls(attn)
         if builder is not None and type(builder).__mro__[1] is CPUAttentionMetadataBuilder:
-            from .cpu_decode import bind
-
-            kernels.decode = bind(kernels, builder)  # the decode step as one C++ call, if built
+            kernels.decode = cpu_decode.bind(kernels, builder)  # the decode step as one C++ call, if built
         return kernels
 
     def __init__(self, attn):
@@ -286,6 +287,19 @@ class CpuAttentionKernels:
             metadata.seq_lens, self.scale, metadata.causal, self.alibi_slopes, self.sliding_window,
             metadata.block_table, self.softcap, metadata.scheduler_metadata, self.sinks,
             metadata.dynamic_causal, self.k_scale, self.v_scale, self.dtype)
+
+
+def step_block_tables(step: RoutingStep, num_slots: int) -> list[torch.Tensor]:
+    """Each routed slot's block table this step (from its group's metadata; empty for layers on
+    another pipeline stage), for the C++ decode attention."""
+    md_of = get_forward_context().attn_metadata
+    tables = [_NO_TABLE] * num_slots
+    for slot, name in step.attn_names.items():
+        tables[slot] = md_of[name].common.block_table_tensor
+    return tables
+
+
+_NO_TABLE = torch.empty(0, 0, dtype=torch.int32)
 
 
 def _share_key(builder):

@@ -14,7 +14,10 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
+#include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -130,10 +133,109 @@ struct DecodeAttention {
   }
 };
 
+// ---- the routed layer's two graph ops on the CPU -------------------------------------------
+// vLLM's compiled graph calls mod_serve::route_cpu and mod_serve::routed_attention_cpu where the
+// Python ops mod_serve::route and mod_serve::routed_attention would be (routed_op.py). In the
+// common step they run here without entering Python: the decision g >= p (float32, as torch
+// compares a float32 tensor with a Python float) and, in a decode step, the bound layer's
+// DecodeAttention. Any other step (a warm-up run, per-request thresholds, tensor parallelism,
+// the prefix cache's boundary log, prefill, a layer not bound yet) calls the Python op.
+
+struct Step {
+  bool route_here = false;   // one threshold for the step, nothing to log or share
+  bool attend_here = false;  // a decode step
+  float p = 0.f;
+  int64_t num_tokens = 0;
+  at::Tensor prior, new_counts;     // [routed layers, reqs] int64, the step's counts
+  std::vector<at::Tensor> tables;   // per routed slot: its block table (int32)
+};
+
+struct Bound {
+  int64_t slot;
+  std::weak_ptr<DecodeAttention> op;  // owned by the layer (Python); gone with its engine
+};
+
+Step g_step;
+std::unordered_map<std::string, Bound> g_bound;  // the layer's op name (process-unique) -> its call
+
+void set_step(bool route_here, double p, int64_t num_tokens, bool attend_here, at::Tensor prior,
+              at::Tensor new_counts, std::vector<at::Tensor> tables) {
+  Step step;
+  step.route_here = route_here;
+  step.attend_here = attend_here;
+  step.p = static_cast<float>(p);
+  step.num_tokens = num_tokens;
+  step.prior = std::move(prior);
+  step.new_counts = std::move(new_counts);
+  step.tables = std::move(tables);
+  g_step = std::move(step);
+}
+
+void clear_step() { g_step = Step{}; }
+
+void bind_layer(const std::string& name, int64_t slot, std::shared_ptr<DecodeAttention> op) {
+  for (auto it = g_bound.begin(); it != g_bound.end();) {  // drop layers of engines since closed
+    it = it->second.op.expired() ? g_bound.erase(it) : std::next(it);
+  }
+  g_bound[name] = Bound{slot, op};
+}
+
+at::Tensor route_cpu(const at::Tensor& g, c10::string_view layer_name) {
+  if (!g_step.route_here || g.scalar_type() != at::kFloat || g.dim() != 1 || !g.is_contiguous()) {
+    static const c10::OperatorHandle python_op = find_op("mod_serve::route");
+    torch::jit::Stack stack{g, std::string(layer_name)};
+    python_op.callBoxed(stack);
+    return stack.at(0).toTensor();
+  }
+  const int64_t tokens = std::min<int64_t>(g.size(0), g_step.num_tokens);  // padding rows never route
+  const float* x = g.data_ptr<float>();
+  const float p = g_step.p;
+  int64_t n = 0;
+  for (int64_t i = 0; i < tokens; ++i) n += x[i] >= p;
+  at::Tensor idx = at::empty({n}, at::TensorOptions().dtype(at::kLong));
+  int64_t* out = idx.data_ptr<int64_t>();
+  for (int64_t i = 0, j = 0; i < tokens; ++i) {
+    if (x[i] >= p) out[j++] = i;
+  }
+  return idx;
+}
+
+at::Tensor routed_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx,
+                                c10::string_view layer_name) {
+  if (g_step.attend_here) {
+    auto it = g_bound.find(std::string(layer_name));
+    if (it != g_bound.end()) {
+      if (auto op = it->second.op.lock()) {
+        const int64_t slot = it->second.slot;
+        if (idx.size(0) == 0) return at::empty({0, op->num_heads * op->head_size_v}, q.options());
+        return (*op)(q, k, v, idx, g_step.prior.select(0, slot), g_step.new_counts.select(0, slot),
+                     g_step.tables.at(slot));
+      }
+    }
+  }
+  static const c10::OperatorHandle python_op = find_op("mod_serve::routed_attention");
+  torch::jit::Stack stack{q, k, v, idx, std::string(layer_name)};
+  python_op.callBoxed(stack);
+  return stack.at(0).toTensor();
+}
+
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(mod_serve, m) {
+  m.def("route_cpu(Tensor g, str layer_name) -> Tensor");
+  m.def("routed_attention_cpu(Tensor q, Tensor k, Tensor v, Tensor idx, str layer_name) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mod_serve, CPU, m) {
+  m.impl("route_cpu", route_cpu);
+  m.impl("routed_attention_cpu", routed_attention_cpu);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  pybind11::class_<DecodeAttention>(m, "DecodeAttention")
+  m.def("set_step", &set_step);
+  m.def("clear_step", &clear_step);
+  m.def("bind_layer", &bind_layer);
+  pybind11::class_<DecodeAttention, std::shared_ptr<DecodeAttention>>(m, "DecodeAttention")
       .def(pybind11::init<at::Tensor, at::Tensor, std::vector<int64_t>, std::vector<double>, int64_t, std::string,
                           std::string, c10::optional<at::Tensor>, c10::optional<at::Tensor>, std::vector<int64_t>,
                           at::Tensor, std::string, std::string, bool>())

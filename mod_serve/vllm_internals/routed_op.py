@@ -7,6 +7,10 @@ the routed count, is an unbacked symbol) and ``mod_serve::routed_attention`` (at
 routed tokens over the layer's compact KV cache). Everything else (float32 router, gather, norms,
 GEMMs, RoPE, MLP, gated update, scatter) is fused by inductor as in the dense layers.
 
+On the CPU the graph calls their C++ twins (``route_cpu``, ``routed_attention_cpu``, built from
+``cpu_decode.cpp``), which decide and, in decode steps, attend without entering Python, and call
+the Python op in any other step.
+
 Eager (``enforce_eager``; always on CUDA), the whole routed layer is one op,
 ``mod_serve::routed_layer``, whose body calls vLLM's C++ kernels directly on the CPU (RMSNorm, fused
 add + RMSNorm, SiLU-and-mul, RoPE): vLLM's modules in their native PyTorch forms cost ~10x more
@@ -15,6 +19,7 @@ when run eagerly. Each op finds its layer by name (a string baked into the graph
 
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
 
@@ -77,12 +82,31 @@ direct_register_custom_op("route", _route, mutates_args=[], fake_impl=_route_fak
 direct_register_custom_op("routed_attention", _attend, mutates_args=[], fake_impl=_attend_fake, target_lib=_lib)
 
 
-def route(g: torch.Tensor, layer_name: str) -> torch.Tensor:
+@functools.cache
+def cpu_ops() -> bool:
+    """Whether the C++ twins of ``route`` and ``routed_attention`` are loaded (``cpu_decode``):
+    the same ops, which run the common step without entering Python and call the Python op for
+    any other. Asked when a routed layer is built on the CPU, never while tracing."""
+    from . import cpu_decode
+
+    if cpu_decode.extension() is None:
+        return False
+    torch.library.register_fake("mod_serve::route_cpu")(_route_fake)
+    torch.library.register_fake("mod_serve::routed_attention_cpu")(_attend_fake)
+    return True
+
+
+def route(g: torch.Tensor, layer_name: str, in_cpp: bool = False) -> torch.Tensor:
     """Indices of the tokens routed in, from the float32 gates (sink positions already at 1)."""
+    if in_cpp:
+        return torch.ops.mod_serve.route_cpu(g, layer_name)
     return torch.ops.mod_serve.route(g, layer_name)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, layer_name: str) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, layer_name: str,
+           in_cpp: bool = False) -> torch.Tensor:
+    if in_cpp:
+        return torch.ops.mod_serve.routed_attention_cpu(q, k, v, idx, layer_name)
     return torch.ops.mod_serve.routed_attention(q, k, v, idx, layer_name)
 
 

@@ -105,6 +105,7 @@ class RoutingState:
         self.slot = {layer: j for j, layer in enumerate(self.routed_layers)}
         self.counts: dict[str, tuple[int, np.ndarray]] = {}  # req -> (settled tokens, routed per layer)
         self.runner = None
+        self.cpu_ops = None  # on the CPU, the C++ routed ops' module (``cpu_decode``), told each step
         self.group_of_layer: dict[int, int] = {}
         self.pending_report: dict[str, tuple[int, dict[int, int]]] = {}
         self._trim: np.ndarray | None = None  # routed totals [layers, rows] of the step just run
@@ -121,6 +122,10 @@ class RoutingState:
 
     def bind_runner(self, runner) -> None:
         self.runner = runner
+        if runner.device.type == "cpu":
+            from . import cpu_decode
+
+            self.cpu_ops = cpu_decode.extension()
 
     def bind_groups(self, kv_cache_config) -> None:
         groups = routed_groups(kv_cache_config)
@@ -146,6 +151,8 @@ class RoutingState:
         from vllm.forward_context import get_forward_context, is_forward_context_available
 
         runner = self.runner
+        if self.cpu_ops is not None:
+            self.cpu_ops.clear_step()  # until this step is known to be real, the C++ ops defer to Python
         if runner is None or not is_forward_context_available():
             return None
         if not isinstance(get_forward_context().attn_metadata, dict):
@@ -198,7 +205,20 @@ class RoutingState:
             crossings=self._crossings(computed, lengths, qsl),
             attn_names=self.attn_names,
         )
+        if self.cpu_ops is not None:
+            self._tell_cpu_ops(self.step)
         return self.step
+
+    def _tell_cpu_ops(self, step: RoutingStep) -> None:
+        """What the C++ routed ops need to run this step without Python: they decide here when
+        the step has one threshold and nothing to share or log (TP, prefix-cache boundaries), and
+        attend here in a decode step."""
+        from .attention import step_block_tables
+
+        route_here = step.tp_group is None and step.crossings is None and not isinstance(step.p, torch.Tensor)
+        tables = step_block_tables(step, len(self.routed_layers)) if step.is_decode else []
+        self.cpu_ops.set_step(route_here, step.p if route_here else 0.0, step.num_tokens, step.is_decode,
+                              step.prior, step.new, tables)
 
     def _crossings(self, computed: np.ndarray, lengths: np.ndarray, qsl: np.ndarray):
         """Block boundaries N = jB with computed < N <= computed + length, per batch row."""
@@ -225,6 +245,8 @@ class RoutingState:
 
     def end(self) -> None:
         step, self.step = self.step, None
+        if self.cpu_ops is not None:
+            self.cpu_ops.clear_step()
         if step is None:
             return
         new = step.new.cpu().numpy()
