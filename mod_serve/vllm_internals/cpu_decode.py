@@ -1,12 +1,20 @@
-"""CPU decode seam: a routed layer's attention in a decode step as one C++ call.
+"""CPU decode seam: a routed layer's decision and decode-step attention in C++ (``cpu_decode.cpp``).
 
 In a decode step (one token per request) a routed layer's attention on the CPU is the compact
 slots and metadata of its routed tokens, then vLLM's two CPU attention kernels. ``attention``
 does this in numpy and Python (``_compact_host``, ``_metadata``, ``CpuAttentionKernels``), about
 20 Python operations per routed layer and step, each ~10-50 us here once a layer's weights have
-streamed through the caches. ``cpu_decode.cpp`` does the same in one call: the same slots, the
+streamed through the caches. ``DecodeAttention`` does the same in one call: the same slots, the
 same ``query_start_loc``/``seq_lens``, vLLM's own scheduler-metadata op and kernels (found by name
 through the dispatcher), with the layer's constant arguments bound once.
+
+The compiled graph goes further: it calls ``mod_serve::route_cpu`` and
+``mod_serve::routed_attention_cpu``, C++ twins of the Python ops in ``routed_op``. Told once per
+step what the step is (``RoutingState.begin``: ``set_step``), they decide ``g >= p`` (float32, as
+torch does) when the step has one threshold and no TP broadcast or prefix-cache boundary log, and
+attend through the layer's ``DecodeAttention`` (registered by op name at its first Python call,
+``bind_layer``) in decode steps; any other step they hand to the Python op. vLLM 0.32 binds a
+layer's CPU KV cache once per engine, so a bound call never sees its cache replaced.
 
 The extension is built with torch's C++ extension loader at the first engine start (~30 s, then
 cached under ``~/.cache/torch_extensions``; ``make install`` builds it ahead). Where it cannot be
