@@ -19,6 +19,8 @@ and batch (1 OpenMP thread as served), the median per decode step of:
 * router: the routers' float32 gates (MoD only; with the routed layer in the compiled graph, whose
   fused kernels time cannot be split off, the eager decision op that follows them);
 * routed attention call: compact metadata + the routed layers' attention kernels (MoD only);
+  on the CPU with the C++ routed ops (``cpu_decode``) decode steps call neither Python function,
+  so "router" and "routed attention call" read 0 and their work is inside "model forward";
 * model forward (includes attention, router and routed attention call; routing bookkeeping is
   inside it after the change, outside before); LM head: ``compute_logits``; rest of step: sampling,
   output processing and the engine loop.
