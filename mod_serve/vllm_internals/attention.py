@@ -260,7 +260,8 @@ class CpuAttentionKernels:
                 or (impl.sinks is not None and impl.sinks.dtype not in (torch.bfloat16, torch.float32))):
             return False
         kernels = cls(attn)
-        if builder is not None and type(builder).__mro__[1] is CPUAttentionMetadataBuilder:
+        # the C++ call reproduces vLLM's own CPU build, which is what the routed wrapper runs
+        if builder is not None and type(builder).__bases__ == (CPUAttentionMetadataBuilder,):
             kernels.decode = cpu_decode.bind(kernels, builder)  # the decode step as one C++ call, if built
         return kernels
 
@@ -289,6 +290,9 @@ class CpuAttentionKernels:
             metadata.dynamic_causal, self.k_scale, self.v_scale, self.dtype)
 
 
+_NO_TABLE = torch.empty(0, 0, dtype=torch.int32)
+
+
 def step_block_tables(step: RoutingStep, num_slots: int) -> list[torch.Tensor]:
     """Each routed slot's block table this step (from its group's metadata; empty for layers on
     another pipeline stage), for the C++ decode attention."""
@@ -297,9 +301,6 @@ def step_block_tables(step: RoutingStep, num_slots: int) -> list[torch.Tensor]:
     for slot, name in step.attn_names.items():
         tables[slot] = md_of[name].common.block_table_tensor
     return tables
-
-
-_NO_TABLE = torch.empty(0, 0, dtype=torch.int32)
 
 
 def _share_key(builder):

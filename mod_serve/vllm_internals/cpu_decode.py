@@ -16,7 +16,7 @@ attend through the layer's ``DecodeAttention`` (registered by op name at its fir
 ``bind_layer``) in decode steps; any other step they hand to the Python op. vLLM 0.32 binds a
 layer's CPU KV cache once per engine, so a bound call never sees its cache replaced.
 
-The extension is built with torch's C++ extension loader at the first engine start (~30 s, then
+The extension is built with torch's C++ extension loader at the first engine start (~45 s here, then
 cached under ``~/.cache/torch_extensions``; ``make install`` builds it ahead). Where it cannot be
 built (no C++ compiler) or ``MOD_SERVE_CPU_DECODE=0``, routed layers keep the Python path, which
 computes the same thing (``tests/test_vllm_cpu_decode.py`` checks the two against each other).
