@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from .inproc import inproc_llm, scheduler
+from .time_ideal import dense_profile, expected_share, linear_curve, time_ideal
 
 BLOCK_SIZE = 32
 
@@ -233,6 +234,9 @@ def _timing(llms: dict, corpus: list[int], args, results: dict) -> None:
                     break  # long cases (a 2048x8 prefill takes a minute per model) run fewer rounds
                 for name in (list(llms) if rep % 2 == 0 else list(reversed(llms))):
                     runs[name].append(timed_run(llms[name], prompts, args.decode_tokens, f"{name}-{length}-{batch}-{rep}"))
+            if "dense" in llms:  # what the dense step is made of, for the CPU-time ideal (time_ideal)
+                results["profile"][f"{length}|{batch}"] = dense_profile(llms["dense"], prompts, args.decode_tokens,
+                                                                        _params)
             for name, reps in runs.items():
                 r = results["timing"][f"{name}|{length}|{batch}"] = median_of_repeats(reps)
                 tpots = ", ".join(f"{1000 * x['tpot_s']:.1f}" for x in reps)
@@ -241,6 +245,11 @@ def _timing(llms: dict, corpus: list[int], args, results: dict) -> None:
     for name, llm in llms.items():
         stats = llm.collective_rpc("mod_kv_stats")[0] if not name.startswith("dense") else {}
         results["routing"][name] = stats.get("routed_fraction", {})
+    if "dense" in llms:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(results["models"]["dense"])
+        results["linear_s"] = linear_curve(config, args.dtype, max(args.batches))
 
 
 def paired_ratio(dense: dict, model: dict) -> float | None:
@@ -274,7 +283,7 @@ def run(args) -> dict:
     import torch
 
     results: dict = {"models": models, "args": vars(args), "timing": {}, "kv": {}, "concurrency": {}, "routing": {},
-                     "threads": torch.get_num_threads()}
+                     "profile": {}, "threads": torch.get_num_threads()}
 
     def timing_engine(name: str):
         _log(f"{name}: timing engine ({models[name]})")
@@ -349,6 +358,7 @@ def report(results: dict, out_dir: Path) -> str:
                     + (f"{1000 * r['itl_p50_s']:.1f} | {itl:.2f} | {itl / i_tpot:.2f} | " if itl is not None else "- | - | - | ")
                     + (f"{paired:.2f} | {paired / i_tpot:.2f} |" if paired is not None else "- | - |")
                 )
+    lines += time_ideal_table(results, config)
     lines += ["", "## KV memory", ""]
     num_layers = config.num_hidden_layers
 
@@ -409,6 +419,53 @@ def report(results: dict, out_dir: Path) -> str:
     (out_dir / "bench.md").write_text(table)
     (out_dir / "bench.json").write_text(json.dumps(results, indent=2, default=str))
     return table
+
+
+def time_ideal_table(results: dict, config) -> list[str]:
+    """The latency ratios against the CPU-time ideal (``mod_serve.time_ideal``), with the dense
+    step's make-up it comes from. Empty for a run that did not record it."""
+    profile, lin = results.get("profile"), results.get("linear_s")
+    if not profile or not lin:
+        return []
+    args, timing, layers = results["args"], results["timing"], config.num_hidden_layers
+    lines = ["", "## Against the CPU-time ideal", "",
+             "`time ideal`: the dense step time / what it would be with every routed layer skipped at its measured "
+             "routed fraction and zero routing overhead (`mod_serve.time_ideal`, the issue's ideal): per case, the "
+             "dense engine's decoder layers and attention kernels timed inside one more run, and one layer's linears "
+             "at 1..B rows through vLLM's CPU GEMM dispatch, since at batch B a layer reads all its weights unless "
+             "all B tokens skip it. `MAC ideal`: the table above's `ideal`. `of it`: measured / time ideal.", "",
+             "Dense linears of one layer, ms at 1.." + str(len(lin) - 1) + " rows: "
+             + ", ".join(f"{1000 * x:.3f}" for x in lin[1:]), "",
+             "| prompt | batch | model | dense decode step ms | layers | attention | TTFT ratio | time ideal | of it "
+             "| TPOT ratio | time ideal | of it | TPOT paired | of it | MAC ideal (TPOT) |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for length in args["lengths"]:
+        for batch in args["batches"]:
+            prof = profile.get(f"{length}|{batch}")
+            if prof is None:
+                continue
+            dec = prof["decode"]
+            d = timing[f"dense|{length}|{batch}"]
+            for name in results["models"]:
+                if name.startswith("dense"):
+                    continue
+                r = timing[f"{name}|{length}|{batch}"]
+                routed = {int(k): v for k, v in results["routing"].get(name, {}).items()}
+                t_ttft = time_ideal(prof["prefill"], layers, routed, lambda f: f)
+                t_tpot = time_ideal(dec, layers, routed, lambda f: expected_share(lin, batch, f))
+                mac = ideal_speedup(config, routed, length + args["decode_tokens"] / 2)
+                ttft, tpot = d["ttft_s"] / r["ttft_s"], d["tpot_s"] / r["tpot_s"]
+                paired = paired_ratio(d, r) if args.get("interleave") else None
+                steps = max(dec["steps"], 1)
+                lines.append(
+                    f"| {length} | {batch} | {name} | {1000 * dec['step_s'] / steps:.1f} | "
+                    f"{dec['forward_s'] / dec['step_s']:.2f} | {dec['attention_s'] / dec['step_s']:.2f} | "
+                    f"{ttft:.2f} | {t_ttft:.2f} | {ttft / t_ttft:.2f} | {tpot:.2f} | {t_tpot:.2f} | {tpot / t_tpot:.2f} | "
+                    + (f"{paired:.2f} | {paired / t_tpot:.2f} | " if paired is not None else "- | - | ")
+                    + f"{mac:.2f} |")
+    lines += ["", "`dense decode step ms`: the profiled run's mean decode step; `layers`, `attention`: the shares of it "
+              "spent in the decoder layers (vLLM's Llama forward) and in their attention kernels."]
+    return lines
 
 
 RAG_QUESTIONS = [

@@ -1,9 +1,9 @@
 """One engine's decode steps under the torch profiler: the ops with the most self time per step.
 
-    LENGTH=2048 [DTYPE=bfloat16] .venv/bin/python scripts/profile_step.py MODEL_DIR
+    LENGTH=2048 [BATCH=8] [DTYPE=bfloat16] .venv/bin/python scripts/profile_step.py MODEL_DIR
 
-Batch 1, a LENGTH-token prompt (default 2048), float32 (or DTYPE), 1 OpenMP thread as served; the second of
-two requests is profiled from its fourth step (decode steps only). Per op: calls, self and total
+Batch BATCH (default 1) of LENGTH-token prompts (default 2048), float32 (or DTYPE), 1 OpenMP thread as
+served; the second of two batches is profiled from its fourth step (decode steps only). Per op: calls, self and total
 CPU microseconds per step (profiler overhead included: compare models profiled the same way).
 """
 
@@ -27,11 +27,13 @@ def main() -> None:
     model = sys.argv[1]
     length = int(os.environ.get("LENGTH", "2048"))
     tok = AutoTokenizer.from_pretrained(model)
-    prompt = bench.prompts_of(bench.corpus_token_ids(tok, 2 * length), length, 1)[0]
+    batch = int(os.environ.get("BATCH", "1"))
+    prompts = bench.prompts_of(bench.corpus_token_ids(tok, (batch + 1) * length), length, batch)
     with bench.engine(model, 2 << 30, length + 64, os.environ.get("DTYPE", "float32")) as llm:
         eng = llm.llm_engine
-        for rep in range(2):  # the first request warms up
-            eng.add_request(f"r{rep}", {"prompt_token_ids": prompt}, bench._params(DECODE_TOKENS))
+        for rep in range(2):  # the first batch warms up
+            for i, prompt in enumerate(prompts):
+                eng.add_request(f"r{rep}-{i}", {"prompt_token_ids": prompt}, bench._params(DECODE_TOKENS))
             n, prof = 0, None
             while eng.has_unfinished_requests():
                 n += 1

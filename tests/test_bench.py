@@ -42,6 +42,36 @@ def test_ideal_speedup_against_a_plain_mac_count():
     assert bench.ideal_speedup(config, {"1": 0.5, "3": 0.5}, 512) == pytest.approx(dense / mod)
 
 
+def test_time_ideal_against_a_hand_count():
+    """Per layer: body (forward - attention) / L and attention / L; a routed layer at r saves body x
+    (1 - share(r)) and attention x (1 - r^2); the rest of the step is never saved."""
+    from mod_serve import time_ideal as ti
+
+    phase = {"steps": 2, "step_s": 10.0, "forward_s": 8.0, "attention_s": 2.0}
+    assert ti.time_ideal(phase, 4, {}, lambda r: r) == pytest.approx(1.0)
+    assert ti.time_ideal(phase, 4, {1: 1.0, 3: 1.0}, lambda r: r) == pytest.approx(1.0)  # every token routed in
+    saved = 2 * (1.5 * 0.5 + 0.5 * 0.75)  # two layers at r = 0.5: body 6 / 4, attention 2 / 4
+    assert ti.time_ideal(phase, 4, {1: 0.5, 3: 0.5}, lambda r: r) == pytest.approx(10 / (10 - saved))
+    # a weight-bound layer (its linears cost the same at any row count) keeps them unless every token skips
+    saved = 2 * (1.5 * 0.5 ** 8 + 0.5 * 0.75)
+    bound = [0.0] + [1.0] * 8
+    assert ti.time_ideal(phase, 4, {1: 0.5, 3: 0.5}, lambda r: ti.expected_share(bound, 8, r)) == pytest.approx(
+        10 / (10 - saved))
+    assert ti.time_ideal({"steps": 0, "step_s": 0.0, "forward_s": 0.0, "attention_s": 0.0}, 4, {1: 0.5},
+                         lambda r: r) != ti.time_ideal(phase, 4, {1: 0.5}, lambda r: r)  # nan: nothing measured
+
+
+def test_expected_share_of_the_linear_time():
+    from mod_serve import time_ideal as ti
+
+    linear = [0.0, 1.0, 2.0, 3.0, 4.0]  # compute bound: time in proportion to rows -> E[n] / B = r
+    assert ti.expected_share(linear, 4, 0.3) == pytest.approx(0.3)
+    bound = [0.0, 5.0, 5.0]  # weight bound: the layer's time unless both tokens skip
+    assert ti.expected_share(bound, 2, 0.5) == pytest.approx(0.75)
+    assert ti.expected_share(bound, 1, 0.5) == pytest.approx(0.5)  # batch 1: the routed fraction
+    assert ti.expected_share(bound, 2, 1.0) == pytest.approx(1.0)
+
+
 def test_report_ratios_are_medians_against_dense(tmp_path):
     """A two-length grid with three repeats: the table's ratios are dense's median over the model's,
     whatever the repeats' order, and the plot and JSON are written."""
@@ -65,9 +95,13 @@ def test_report_ratios_are_medians_against_dense(tmp_path):
         "routing": {"mod": {"1": 0.5, "3": 0.5}},
         "concurrency": {"dense": 20, "mod": 26},
         "threads": 1,
+        "profile": {"512|1": {"prefill": {"steps": 1, "step_s": 2.0, "forward_s": 1.6, "attention_s": 0.4},
+                              "decode": {"steps": 15, "step_s": 0.6, "forward_s": 0.48, "attention_s": 0.12}}},
+        "linear_s": [0.0, 0.001, 0.0011, 0.0012, 0.0013, 0.0014, 0.0015, 0.0016, 0.0017],
     }
     table = bench.report(results, tmp_path / "out")
-    rows = [line.split("|")[1:-1] for line in table.splitlines() if re.match(r"\| (512|2048) \| [18] \| mod \|", line)]
+    latency = table.split("## Against the CPU-time ideal")[0]
+    rows = [line.split("|")[1:-1] for line in latency.splitlines() if re.match(r"\| (512|2048) \| [18] \| mod \|", line)]
     assert len(rows) == 4
     for row in rows:
         cells = [c.strip() for c in row]
@@ -75,6 +109,14 @@ def test_report_ratios_are_medians_against_dense(tmp_path):
         assert cells[7] == "2.00" and cells[10] == "2.00"  # TTFT 2.0 / 1.0, TPOT 41 / 20.5
         assert cells[13] == "16.4" and cells[14] == "2.00"  # ITL: 0.8 x the TPOTs, median 0.8 x 20.5
         assert cells[16] == "1.95"  # paired by round: 40 / 20.5, 41 / 21, 80 / 10 -> median 1.95
-    assert "| mod | 26 | 1.30 | 1.33 | 0.98 | 1.33 |" in table  # 26 / 20 against KV 1000 / 750; ideal 4 / 3
+    assert "| mod | 26 | 1.30 | 1.33 | 0.98 | 1.33 |" in table
+    # the CPU-time ideal, for the one profiled case: per layer body (0.48 - 0.12) / 4, attention 0.12 / 4
+    # of 0.6 s; two layers at r = 0.5, batch 1 (share r): saved 2 x (0.09 x 0.5 + 0.03 x 0.75)
+    time_row = [c.strip() for c in next(line for line in table.splitlines()
+                                        if line.startswith("| 512 | 1 | mod | 40.0 |")).split("|")[1:-1]]
+    ideal = 0.6 / (0.6 - 2 * (0.09 * 0.5 + 0.03 * 0.75))
+    assert time_row[4:6] == ["0.80", "0.20"] and time_row[9] == "2.00" and time_row[10] == f"{ideal:.2f}"
+    assert time_row[11] == f"{2 / ideal:.2f}" and time_row[12] == "1.95" and time_row[13] == f"{1.95 / ideal:.2f}"
+    assert "at 1..8 rows: 1.000, 1.100" in table  # 26 / 20 against KV 1000 / 750; ideal 4 / 3
     assert (tmp_path / "out" / "bench.png").stat().st_size > 0
     assert json.loads((tmp_path / "out" / "bench.json").read_text())["timing"]["mod|512|1"]["tpot_s"] == 0.0205

@@ -27,6 +27,8 @@ One module per vLLM seam:
   metadata, vLLM's two CPU attention kernels) as one C++ call (``cpu_decode.cpp``);
 * ``gemm``: routed layers' linear layers dispatched to a CPU GEMM that takes zero rows (vLLM's
   sgl-kernel GEMM, which it picks for small bf16 weights on AMX CPUs, does not);
+* ``profile``: for the bench's CPU-time ideal, timers on a dense step's Llama forward and CPU
+  attention kernels, and a layer's linears timed at 1..B rows through vLLM's CPU GEMM dispatch;
 * ``routed_op``: the compile seam, the custom ops a routed layer runs eagerly inside vLLM's
   compiled graph (``route``, ``routed_attention``) or, with ``enforce_eager``, as a whole
   (``routed_layer``).
