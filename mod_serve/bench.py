@@ -252,12 +252,12 @@ def _timing(llms: dict, corpus: list[int], args, results: dict) -> None:
         results["linear_s"] = linear_curve(config, args.dtype, max(args.batches))
 
 
-def paired_ratio(dense: dict, model: dict) -> float | None:
-    """The median over rounds of dense's TPOT / the model's in the same round (interleaved runs)."""
+def paired_ratio(dense: dict, model: dict, key: str = "tpot_s") -> float | None:
+    """The median over rounds of dense's TPOT (or ``key``) / the model's in the same round (interleaved runs)."""
     d, m = dense.get("repeats", []), model.get("repeats", [])
     if not d or len(d) != len(m):
         return None
-    return statistics.median(a["tpot_s"] / b["tpot_s"] for a, b in zip(d, m))
+    return statistics.median(a[key] / b[key] for a, b in zip(d, m))
 
 
 def run(args) -> dict:
@@ -296,6 +296,11 @@ def run(args) -> dict:
         for name in models:
             with timing_engine(name) as llm:
                 _timing({name: llm}, corpus, args, results)
+    if args.budget_mib is None:
+        from transformers import AutoConfig
+
+        args.budget_mib = default_budget_mib(AutoConfig.from_pretrained(models["dense"]), args.dtype,
+                                             args.concurrency_length + args.decode_tokens)
     for name, path in models.items():
         if name == "dense-eager":
             continue  # same KV footprint as dense
@@ -306,6 +311,14 @@ def run(args) -> dict:
             results["concurrency"][name] = peak_concurrency(llm, conc_prompts, args.decode_tokens)
             _log(f"  peak running requests of {args.concurrency_length} tokens: {results['concurrency'][name]}")
     return results
+
+
+def default_budget_mib(config, dtype: str, tokens: int, requests: int = 20) -> int:
+    """A KV budget (MiB) that holds ``requests`` dense requests of ``tokens`` tokens and a half more."""
+    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * hd * (2 if dtype == "bfloat16" else 4)
+    blocks = -(-tokens // BLOCK_SIZE)
+    return -(-int((requests + 0.5) * blocks * BLOCK_SIZE * per_token) // 2**20)
 
 
 def report(results: dict, out_dir: Path) -> str:
@@ -437,8 +450,9 @@ def time_ideal_table(results: dict, config) -> list[str]:
              "Dense linears of one layer, ms at 1.." + str(len(lin) - 1) + " rows: "
              + ", ".join(f"{1000 * x:.3f}" for x in lin[1:]), "",
              "| prompt | batch | model | dense decode step ms | layers | attention | TTFT ratio | time ideal | of it "
-             "| TPOT ratio | time ideal | of it | TPOT paired | of it | MAC ideal (TPOT) |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| TTFT paired | of it | TPOT ratio | time ideal | of it | TPOT paired | of it | ITL p50 ratio | of it "
+             "| MAC ideal (TPOT) |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for length in args["lengths"]:
         for batch in args["batches"]:
             prof = profile.get(f"{length}|{batch}")
@@ -456,15 +470,23 @@ def time_ideal_table(results: dict, config) -> list[str]:
                 mac = ideal_speedup(config, routed, length + args["decode_tokens"] / 2)
                 ttft, tpot = d["ttft_s"] / r["ttft_s"], d["tpot_s"] / r["tpot_s"]
                 paired = paired_ratio(d, r) if args.get("interleave") else None
+                paired_ttft = paired_ratio(d, r, "ttft_s") if args.get("interleave") else None
+                itl = d["itl_p50_s"] / r["itl_p50_s"] if "itl_p50_s" in r and "itl_p50_s" in d else None
                 steps = max(dec["steps"], 1)
                 lines.append(
                     f"| {length} | {batch} | {name} | {1000 * dec['step_s'] / steps:.1f} | "
                     f"{dec['forward_s'] / dec['step_s']:.2f} | {dec['attention_s'] / dec['step_s']:.2f} | "
-                    f"{ttft:.2f} | {t_ttft:.2f} | {ttft / t_ttft:.2f} | {tpot:.2f} | {t_tpot:.2f} | {tpot / t_tpot:.2f} | "
+                    f"{ttft:.2f} | {t_ttft:.2f} | {ttft / t_ttft:.2f} | "
+                    + (f"{paired_ttft:.2f} | {paired_ttft / t_ttft:.2f} | " if paired_ttft is not None else "- | - | ")
+                    + f"{tpot:.2f} | {t_tpot:.2f} | {tpot / t_tpot:.2f} | "
                     + (f"{paired:.2f} | {paired / t_tpot:.2f} | " if paired is not None else "- | - | ")
+                    + (f"{itl:.2f} | {itl / t_tpot:.2f} | " if itl is not None else "- | - | ")
                     + f"{mac:.2f} |")
     lines += ["", "`dense decode step ms`: the profiled run's mean decode step; `layers`, `attention`: the shares of it "
-              "spent in the decoder layers (vLLM's Llama forward) and in their attention kernels."]
+              "spent in the decoder layers (vLLM's Llama forward) and in their attention kernels. The TPOT time ideal is "
+              "that of a decode step; where prompts prefill in chunks between decode steps (long prompts at batch 8) "
+              "the mean TPOT mixes both, and `ITL p50` (the median gap between tokens) is the decode step's ratio. "
+              "`TTFT paired`: as `TPOT paired`, the median over rounds of dense's TTFT / the model's in the same round."]
     return lines
 
 
@@ -552,8 +574,10 @@ def main(argv: list[str]) -> int:
                    "minutes, so only rounds seconds apart compare)")
     p.add_argument("--case-seconds", type=float, default=60, help="no new round of a case once its rounds took this "
                    "many seconds per model (at least one round)")
-    p.add_argument("--budget-mib", type=int, default=256, help="KV budget for the concurrency run (MiB)")
-    p.add_argument("--concurrency-length", type=int, default=1024)
+    p.add_argument("--budget-mib", type=int, help="KV budget for the concurrency run (MiB; default: what about 20 "
+                   "dense requests hold, so that one request is a small step of the ratio)")
+    p.add_argument("--concurrency-length", type=int, default=512, help="prompt tokens of the concurrency run (a "
+                   "length the grid times, whose KV bytes per token give the ratio the KV allows)")
     p.add_argument("--concurrency-requests", type=int, default=48)
     p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "mod-serve" / "bench"))
     p.add_argument("--out", default="docs/bench", help="directory for bench.md, bench.png, bench.json")

@@ -36,8 +36,9 @@ def dense_profile(llm, prompts: list[list[int]], decode_tokens: int, params) -> 
     engine = llm.llm_engine
     phases = {p: {"steps": 0, "step_s": 0.0, "forward_s": 0.0, "attention_s": 0.0, "attention_calls": 0}
               for p in ("prefill", "decode")}
+    tag = f"profile-{len(prompts)}x{len(prompts[0])}-{time.monotonic_ns()}"
     for i, p in enumerate(prompts):
-        engine.add_request(f"profile-{i}", {"prompt_token_ids": p}, params(decode_tokens))
+        engine.add_request(f"{tag}-{i}", {"prompt_token_ids": p}, params(decode_tokens))
     started: set[str] = set()
     with StepTimers() as timers:
         while engine.has_unfinished_requests():

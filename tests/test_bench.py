@@ -115,8 +115,20 @@ def test_report_ratios_are_medians_against_dense(tmp_path):
     time_row = [c.strip() for c in next(line for line in table.splitlines()
                                         if line.startswith("| 512 | 1 | mod | 40.0 |")).split("|")[1:-1]]
     ideal = 0.6 / (0.6 - 2 * (0.09 * 0.5 + 0.03 * 0.75))
-    assert time_row[4:6] == ["0.80", "0.20"] and time_row[9] == "2.00" and time_row[10] == f"{ideal:.2f}"
-    assert time_row[11] == f"{2 / ideal:.2f}" and time_row[12] == "1.95" and time_row[13] == f"{1.95 / ideal:.2f}"
+    assert time_row[4:6] == ["0.80", "0.20"] and time_row[6] == "2.00"
+    assert time_row[9] == "3.80"  # TTFT paired by round: 2 / 1, 9 / 1.5, 1.9 / 0.5 -> median 3.8
+    assert time_row[11] == "2.00" and time_row[12] == f"{ideal:.2f}" and time_row[13] == f"{2 / ideal:.2f}"
+    assert time_row[14] == "1.95" and time_row[15] == f"{1.95 / ideal:.2f}"
+    assert time_row[16] == "2.00" and time_row[17] == f"{2 / ideal:.2f}"  # ITL p50: 0.8 x the TPOTs
     assert "at 1..8 rows: 1.000, 1.100" in table  # 26 / 20 against KV 1000 / 750; ideal 4 / 3
     assert (tmp_path / "out" / "bench.png").stat().st_size > 0
     assert json.loads((tmp_path / "out" / "bench.json").read_text())["timing"]["mod|512|1"]["tpot_s"] == 0.0205
+
+
+def test_default_concurrency_budget_holds_about_twenty_dense_requests():
+    """2 (K and V) x 4 layers x 2 KV heads x 16 dims x 4 bytes = 1024 B per float32 token; 100 tokens
+    take 4 blocks of 32, 20.5 requests 2 687 KiB: the budget rounds up to 3 MiB (half that in bf16)."""
+    config = types.SimpleNamespace(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4)
+    assert bench.default_budget_mib(config, "float32", 100) == 3
+    assert bench.default_budget_mib(config, "bfloat16", 100) == 2
+    assert bench.default_budget_mib(config, "float32", 100, requests=2000) == -(-2000.5 * 4 * 32 * 1024 // 2**20)
