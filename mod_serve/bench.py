@@ -499,7 +499,7 @@ RAG_QUESTIONS = [
 ]
 
 
-def rag_case(llm, tok, document: list[int], max_tokens: int = 8) -> dict:
+def rag_case(llm, tok, document: list[int], max_tokens: int = 8, tag: str = "rag") -> dict:
     """16 requests sharing one document, each with its own question: the first runs cold, then the
     other 15 one after another (warm: the document's KV comes from vLLM's prefix cache). TTFT per
     request from engine steps; KV bytes the scheduler holds for a warm request at its first token."""
@@ -507,7 +507,7 @@ def rag_case(llm, tok, document: list[int], max_tokens: int = 8) -> dict:
     ttft, held, cached = [], [], []
     for i, question in enumerate(RAG_QUESTIONS):
         prompt = document + tok("\n\nQuestion: " + question + "\nAnswer:").input_ids
-        rid = f"rag-{i}"
+        rid = f"{tag}-{i}"
         start = time.perf_counter()
         engine.add_request(rid, {"prompt_token_ids": prompt}, _params(max_tokens))
         first = None
@@ -524,36 +524,72 @@ def rag_case(llm, tok, document: list[int], max_tokens: int = 8) -> dict:
             "cold_held_bytes": held[0], "warm_cached_tokens": statistics.mean(cached[1:]), "document_tokens": len(document)}
 
 
+def rag_summary(rounds: list[dict], dense_rounds: list[dict]) -> dict:
+    """One model's RAG figures over its rounds: median cold and warm TTFT, the median over rounds of
+    its warm TTFT / dense's in the same round, and the KV and cache figures (the same every round)."""
+    out = {k: rounds[0][k] for k in ("warm_held_bytes", "cold_held_bytes", "warm_cached_tokens", "document_tokens")}
+    out["cold_ttft_s"] = statistics.median(r["cold_ttft_s"] for r in rounds)
+    out["warm_ttft_s"] = statistics.median(r["warm_ttft_s"] for r in rounds)
+    out["warm_paired"] = statistics.median(r["warm_ttft_s"] / d["warm_ttft_s"] for r, d in zip(rounds, dense_rounds))
+    out["cold_paired"] = statistics.median(r["cold_ttft_s"] / d["cold_ttft_s"] for r, d in zip(rounds, dense_rounds))
+    out["rounds"] = rounds
+    return out
+
+
 def run_rag(args) -> str:
+    """Every model's engine up at once (prefix caching on); each round gives every model, in
+    alternating order, a document of its own (so that its first request is cold) and the 16
+    requests on it, as the latency grid interleaves its rounds."""
+    import contextlib
+
     from transformers import AutoTokenizer
 
     work = Path(args.work_dir)
     models = make_models(work, args.routed_fraction, args.model, args.dtype)
     models = {k: v for k, v in models.items() if k in ("dense", "mod", "default") and (k in args.models or k == "dense")}
     tok = AutoTokenizer.from_pretrained(models["dense"])
-    document = corpus_token_ids(tok, args.rag_tokens)
-    results = {}
-    for name, path in models.items():
-        _log(f"{name}: RAG case, prefix caching on")
-        with engine(path, 1 << 30, args.rag_tokens + 128, args.dtype, prefix_caching=True) as llm:
-            rag_case(llm, tok, corpus_token_ids(tok, 256), 2)  # warm-up (compiled graph, allocator)
-            results[name] = r = rag_case(llm, tok, document)
-            _log(f"  cold TTFT {r['cold_ttft_s']:.3f}s, warm TTFT {r['warm_ttft_s']:.3f}s, "
-                 f"{r['warm_cached_tokens']:.0f} cached tokens, {r['warm_held_bytes'] / 2**20:.1f} MiB held")
-    d = results["dense"]
-    lines = [f"## RAG: {len(RAG_QUESTIONS)} requests sharing one {args.rag_tokens}-token document, prefix caching on", "",
-             "| model | cold TTFT s | warm TTFT s (mean of 15) | cold / warm | warm vs dense warm | cached tokens per warm "
-             "request | KV MiB held per warm request | KV vs dense |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['cold_ttft_s']:.3f} | {r['warm_ttft_s']:.3f} | {r['cold_ttft_s'] / r['warm_ttft_s']:.1f} | "
-                     f"{r['warm_ttft_s'] / d['warm_ttft_s']:.2f} | {r['warm_cached_tokens']:.0f} | "
-                     f"{r['warm_held_bytes'] / 2**20:.1f} | {r['warm_held_bytes'] / d['warm_held_bytes']:.2f} |")
-    table = "\n".join(lines) + "\n"
+    n = args.rag_tokens
+    corpus = corpus_token_ids(tok, n * (args.rag_rounds + 1))
+    documents = [corpus[k * n:(k + 1) * n] for k in range(args.rag_rounds)]
+    runs: dict[str, list] = {name: [] for name in models}
+    with contextlib.ExitStack() as stack:
+        llms = {}
+        for name, path in models.items():
+            _log(f"{name}: RAG engine, prefix caching on")
+            llms[name] = stack.enter_context(engine(path, 1 << 30, n + 128, args.dtype, prefix_caching=True))
+            rag_case(llms[name], tok, corpus[args.rag_rounds * n:][:256], 2, "rag-warmup")  # compiled graph, allocator
+        for k, document in enumerate(documents):
+            for name in (list(llms) if k % 2 == 0 else list(reversed(llms))):
+                r = rag_case(llms[name], tok, document, tag=f"rag-{k}")
+                runs[name].append(r)
+                _log(f"  {name} round {k}: cold TTFT {r['cold_ttft_s']:.3f}s, warm TTFT {r['warm_ttft_s']:.3f}s, "
+                     f"{r['warm_cached_tokens']:.0f} cached tokens, {r['warm_held_bytes'] / 2**20:.1f} MiB held")
+    results = {name: rag_summary(r, runs["dense"]) for name, r in runs.items()}
+    table = rag_report(results, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rag.md").write_text(table)
     (out / "rag.json").write_text(json.dumps(results, indent=2))
     return table
+
+
+def rag_report(results: dict, args) -> str:
+    d = results["dense"]
+    rounds = len(d["rounds"])
+    lines = [f"## RAG: {len(RAG_QUESTIONS)} requests sharing one {args.rag_tokens}-token document, prefix caching on", "",
+             f"Every model's engine up at once; {rounds} rounds, each giving every model (in alternating order) a new "
+             "document: its first request cold, the other 15 warm (one after another). TTFT: the median over the "
+             "rounds (warm: each round's mean over its 15 requests); `paired`: the median over rounds of the model's "
+             "TTFT / dense's in the same round (> 1: slower than dense).", "",
+             "| model | cold TTFT s | warm TTFT s | cold / warm | cold vs dense, paired | warm vs dense | warm vs dense, "
+             "paired | cached tokens per warm request | KV MiB held per warm request | KV vs dense |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['cold_ttft_s']:.3f} | {r['warm_ttft_s']:.3f} | {r['cold_ttft_s'] / r['warm_ttft_s']:.1f} | "
+                     f"{r['cold_paired']:.2f} | {r['warm_ttft_s'] / d['warm_ttft_s']:.2f} | {r['warm_paired']:.2f} | "
+                     f"{r['warm_cached_tokens']:.0f} | {r['warm_held_bytes'] / 2**20:.1f} | "
+                     f"{r['warm_held_bytes'] / d['warm_held_bytes']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str]) -> int:
@@ -584,6 +620,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--rag", action="store_true", help="run only the RAG case (shared document, prefix caching "
                    "on; writes rag.md and rag.json)")
     p.add_argument("--rag-tokens", type=int, default=2048, help="the RAG case's shared document length")
+    p.add_argument("--rag-rounds", type=int, default=5, help="RAG rounds (a new document each); medians over them")
     p.add_argument("--models", default="dense,dense-eager,mod-all-in,mod,default",
                    help="models to run (dense always runs: the ratios are against it)")
     p.add_argument("--threads", type=int, default=1, help="OpenMP threads per engine (default 1: what a served "
@@ -596,8 +633,8 @@ def main(argv: list[str]) -> int:
         p.error("--lengths and --batches take comma-separated integers")
     if not 0 < args.routed_fraction <= 1:
         p.error("--routed-fraction must be in (0, 1]")
-    if args.repeats < 1:
-        p.error("--repeats must be at least 1")
+    if args.repeats < 1 or args.rag_rounds < 1:
+        p.error("--repeats and --rag-rounds must be at least 1")
     if 1 not in args.batches:
         p.error("--batches must include 1 (KV bytes per token are read from the batch-1 runs)")
     args.models = args.models.split(",")

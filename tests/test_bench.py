@@ -132,3 +132,16 @@ def test_default_concurrency_budget_holds_about_twenty_dense_requests():
     assert bench.default_budget_mib(config, "float32", 100) == 3
     assert bench.default_budget_mib(config, "bfloat16", 100) == 2
     assert bench.default_budget_mib(config, "float32", 100, requests=2000) == -(-2000.5 * 4 * 32 * 1024 // 2**20)
+
+
+def test_rag_summary_pairs_rounds_with_dense():
+    def rag(cold, warm):
+        return {"cold_ttft_s": cold, "warm_ttft_s": warm, "warm_held_bytes": 100, "cold_held_bytes": 90,
+                "warm_cached_tokens": 2048, "document_tokens": 2048}
+
+    dense = [rag(1.0, 0.050), rag(2.0, 0.040), rag(1.0, 0.100)]
+    mod = [rag(0.8, 0.055), rag(1.0, 0.060), rag(0.9, 0.050)]  # warm / dense: 1.1, 1.5, 0.5
+    r = bench.rag_summary(mod, dense)
+    assert r["cold_ttft_s"] == 0.9 and r["warm_ttft_s"] == 0.055
+    assert r["warm_paired"] == pytest.approx(1.1) and r["cold_paired"] == pytest.approx(0.8)
+    assert bench.rag_summary(dense, dense)["warm_paired"] == 1.0
