@@ -66,6 +66,17 @@ def prompts_of(corpus: list[int], length: int, count: int) -> list[list[int]]:
     return [corpus[i * step : i * step + length] for i in range(count)]
 
 
+ROUND_SHIFT = 101  # tokens: each round's prompts start this much further into the corpus
+
+
+def round_prompts(corpus: list[int], length: int, count: int, round_: int) -> list[list[int]]:
+    """A round's prompts: ``prompts_of`` on the corpus shifted by ``round_ * ROUND_SHIFT`` tokens, so
+    that each round sends new text, as served traffic does (a MoD model's routed counts, which
+    size its routed layers' GEMMs, follow the text; repeating it would measure caches a served
+    model does not hit). Every model gets the same prompts in a round."""
+    return prompts_of(corpus[round_ * ROUND_SHIFT:], length, count)
+
+
 def ideal_speedup(config, routed_fraction: dict, context: float, lm_head_share: float = 1.0) -> float:
     """dense MACs / MoD MACs per token: layers skipped at the measured routed fractions r_i, and a
     token routed into layer i attends to the r_i * context tokens routed there before it. Zero
@@ -226,12 +237,12 @@ def _timing(llms: dict, corpus: list[int], args, results: dict) -> None:
         timed_run(llm, prompts_of(corpus, 128, 2), 4, f"{name}-warmup")
     for length in args.lengths:
         for batch in args.batches:
-            prompts = prompts_of(corpus, length, batch)
             runs: dict[str, list] = {name: [] for name in llms}
             started = time.perf_counter()
             for rep in range(args.repeats):
                 if rep and time.perf_counter() - started > args.case_seconds * len(llms):
                     break  # long cases (a 2048x8 prefill takes a minute per model) run fewer rounds
+                prompts = round_prompts(corpus, length, batch, rep)
                 for name in (list(llms) if rep % 2 == 0 else list(reversed(llms))):
                     runs[name].append(timed_run(llms[name], prompts, args.decode_tokens, f"{name}-{length}-{batch}-{rep}"))
             if "dense" in llms:  # what the dense step is made of, for the CPU-time ideal (time_ideal)
@@ -276,7 +287,8 @@ def run(args) -> dict:
     models = {k: v for k, v in models.items() if k in args.models or k == "dense"}
     tok = AutoTokenizer.from_pretrained(models["dense"])
     longest = max(args.lengths)
-    corpus = corpus_token_ids(tok, max(longest * max(args.batches) + longest, 2 * args.concurrency_length))
+    corpus = corpus_token_ids(tok, max(longest * max(args.batches) + longest, 2 * args.concurrency_length)
+                              + args.repeats * ROUND_SHIFT)
     max_len = longest + args.decode_tokens + BLOCK_SIZE
     # the concurrency phase has its own prompt length (--concurrency-length), maybe above every timed one
     conc_len = max(max_len, args.concurrency_length + args.decode_tokens + BLOCK_SIZE)

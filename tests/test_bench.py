@@ -145,3 +145,13 @@ def test_rag_summary_pairs_rounds_with_dense():
     assert r["cold_ttft_s"] == 0.9 and r["warm_ttft_s"] == 0.055
     assert r["warm_paired"] == pytest.approx(1.1) and r["cold_paired"] == pytest.approx(0.8)
     assert bench.rag_summary(dense, dense)["warm_paired"] == 1.0
+
+
+def test_each_round_sends_new_text():
+    """A MoD model's routed counts follow the text (and size its routed GEMMs): rounds must not
+    repeat a prompt, and every model gets the same prompts within a round."""
+    corpus = list(range(10_000))
+    rounds = [bench.round_prompts(corpus, 512, 8, r) for r in range(7)]
+    assert all(len(p) == 512 for prompts in rounds for p in prompts)
+    assert len({tuple(p) for prompts in rounds for p in prompts}) == 7 * 8
+    assert bench.round_prompts(corpus, 512, 8, 3) == rounds[3]

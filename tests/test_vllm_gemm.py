@@ -43,6 +43,34 @@ def test_routed_linears_skip_sgl_kernel_and_take_zero_rows():
     torch.testing.assert_close(got.float(), x.float() @ weight.t(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_routed_linears_pad_rows_to_a_few_buckets(dtype):
+    """oneDNN builds a primitive per row count and vLLM keeps 32 per weight; a routed layer's row
+    count is its routed tokens, new in nearly every prefill. Its linear pads the rows to a bucket:
+    every count up to 8 as it is, at most 1.5x above, at most 28 sizes up to 8192; the result is
+    x @ W.T for every count, zero rows included."""
+    from mod_serve.vllm_internals import gemm
+
+    if not layer_utils.ops._supports_onednn or not gemm.bucketed_rows():
+        pytest.skip("no oneDNN GEMM or no C++ routed ops here")
+    if dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported():
+        pytest.skip("bf16 oneDNN GEMMs need AVX-512 BF16")
+    buckets = [torch.ops.mod_serve.bucket_rows(r) for r in range(1, 8193)]
+    assert buckets[:8] == list(range(1, 9))
+    assert all(r <= b <= 1.5 * r for r, b in enumerate(buckets, 1))
+    assert len(set(buckets)) == 28
+    layer = _linear(n=96, k=64, dtype=dtype)
+    weight = layer.weight.detach().double().clone()
+    with mock.patch.object(layer_utils, "check_cpu_sgl_kernel", return_value=False):
+        AnyRowsLinearMethod().process_weights_after_loading(layer)
+    for rows in (0, 1, 5, 8, 9, 13, 17, 33, 100, 513):
+        x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        got = layer.cpu_linear(x, layer.weight, None)
+        assert got.shape == (rows, 96) and got.is_contiguous()
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        torch.testing.assert_close(got.double(), x.double() @ weight.t(), rtol=tol, atol=tol)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(),
                     reason="bf16 is the bench's dtype only on CPUs with AVX-512 BF16 (float32 elsewhere)")

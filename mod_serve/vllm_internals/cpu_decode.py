@@ -16,6 +16,9 @@ attend through the layer's ``DecodeAttention`` (registered by op name at its fir
 ``bind_layer``) in decode steps; any other step they hand to the Python op. vLLM 0.32 binds a
 layer's CPU KV cache once per engine, so a bound call never sees its cache replaced.
 
+The same extension carries ``routed_linear.cpp``: routed layers' oneDNN GEMMs with their row count
+rounded up to a bucket (see ``gemm``).
+
 The extension is built with torch's C++ extension loader at the first engine start (~45 s here, then
 cached under ``~/.cache/torch_extensions``; ``make install`` builds it ahead). Where it cannot be
 built (no C++ compiler) or ``MOD_SERVE_CPU_DECODE=0``, routed layers keep the Python path, which
@@ -30,7 +33,7 @@ import os
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+SOURCES = [Path(__file__).with_name("cpu_decode.cpp"), Path(__file__).with_name("routed_linear.cpp")]
 
 
 @functools.cache
@@ -41,7 +44,7 @@ def extension():
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name="mod_serve_cpu_decode", sources=[str(SOURCE)], extra_cflags=["-O2"], verbose=False)
+        return load(name="mod_serve_cpu_decode", sources=[str(s) for s in SOURCES], extra_cflags=["-O2"], verbose=False)
     except Exception as exc:  # no compiler, no headers: the Python path computes the same
         logger.warning("mod-serve: C++ decode attention unavailable (%s); routed layers use the Python path", exc)
         return None

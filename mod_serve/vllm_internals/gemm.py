@@ -10,12 +10,21 @@ nothing is routed). vLLM's dense models never multiply zero rows, so only routed
 need another path: there the dispatch skips sgl-kernel and takes the path vLLM uses for every
 larger weight (oneDNN's ``onednn_mm``, which returns an empty output for an empty input, or
 ``torch.nn.functional.linear``). Everything else about the dispatch is vLLM's.
+
+oneDNN builds a primitive per row count (vLLM keeps 32 per weight), and a routed layer's row count
+is new in nearly every prefill step: its routed tokens. So where the C++ routed ops are built
+(``cpu_decode``), a routed layer's oneDNN linear runs ``mod_serve::onednn_mm_rows``
+(``routed_linear.cpp``): vLLM's same ``_C::onednn_mm`` and handler, the rows zero-padded up to one
+of at most 28 bucket sizes up to 8192 (every count up to 8, then 2^k and 1.5 * 2^k), so that
+prefill steps reuse primitives.
 """
 
 from __future__ import annotations
 
+import functools
 from unittest import mock
 
+import torch
 from torch import nn
 from vllm.model_executor.layers import utils as layer_utils
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
@@ -25,8 +34,32 @@ class AnyRowsLinearMethod(UnquantizedLinearMethod):
     """vLLM's unquantized linear method, dispatched on the CPU without sgl-kernel's GEMM."""
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        with mock.patch.object(layer_utils, "check_cpu_sgl_kernel", return_value=False):
+        handlers = []
+        create = layer_utils.ops.create_onednn_mm
+
+        def create_and_keep(weight, cache_size):
+            handlers.append(create(weight, cache_size))
+            return handlers[-1]
+
+        with mock.patch.object(layer_utils, "check_cpu_sgl_kernel", return_value=False), \
+                mock.patch.object(layer_utils.ops, "create_onednn_mm", create_and_keep):
             super().process_weights_after_loading(layer)
+        if handlers and bucketed_rows():
+            handler = handlers[-1]
+            layer.cpu_linear = lambda x, weight, bias: torch.ops.mod_serve.onednn_mm_rows(
+                x, bias, handler.handler_tensor, handler.n)
+
+
+@functools.cache
+def bucketed_rows() -> bool:
+    """Whether ``mod_serve::onednn_mm_rows`` is loaded (the C++ routed ops; its fake registered)."""
+    from . import cpu_decode
+
+    if cpu_decode.extension() is None:
+        return False
+    torch.library.register_fake("mod_serve::onednn_mm_rows")(
+        lambda x, bias, handler, n: x.new_empty((*x.shape[:-1], n)))
+    return True
 
 
 def accept_empty_inputs(module: nn.Module) -> None:
