@@ -31,7 +31,8 @@ from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
 
 class AnyRowsLinearMethod(UnquantizedLinearMethod):
-    """vLLM's unquantized linear method, dispatched on the CPU without sgl-kernel's GEMM."""
+    """vLLM's unquantized linear method, dispatched on the CPU without sgl-kernel's GEMM; where it
+    lands on oneDNN and the C++ routed ops are built, the rows go in padded to a bucket."""
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         handlers = []
