@@ -77,6 +77,10 @@ def round_prompts(corpus: list[int], length: int, count: int, round_: int) -> li
     return prompts_of(corpus[round_ * ROUND_SHIFT:], length, count)
 
 
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def ideal_speedup(config, routed_fraction: dict, context: float, lm_head_share: float = 1.0) -> float:
     """dense MACs / MoD MACs per token: layers skipped at the measured routed fractions r_i, and a
     token routed into layer i attends to the r_i * context tokens routed there before it. Zero
@@ -84,7 +88,7 @@ def ideal_speedup(config, routed_fraction: dict, context: float, lm_head_share: 
     a layer's weights are read unless every token skips it, so the batch-8 bound is looser.
     ``lm_head_share``: LM-head tokens per token (1 when decoding; 1/prompt for a prefill)."""
     h, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    hd = head_dim(config)
     nq, nkv = config.num_attention_heads, config.num_key_value_heads
     linear = h * nq * hd + 2 * h * nkv * hd + nq * hd * h + 3 * h * f
     attn = 2 * nq * hd * context
@@ -327,8 +331,7 @@ def run(args) -> dict:
 
 def default_budget_mib(config, dtype: str, tokens: int, requests: int = 20) -> int:
     """A KV budget (MiB) that holds ``requests`` dense requests of ``tokens`` tokens and a half more."""
-    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * hd * (2 if dtype == "bfloat16" else 4)
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * (2 if dtype == "bfloat16" else 4)
     blocks = -(-tokens // BLOCK_SIZE)
     return -(-int((requests + 0.5) * blocks * BLOCK_SIZE * per_token) // 2**20)
 

@@ -1,6 +1,6 @@
 """Bench seam: what a dense step's time is made of, for the bench's CPU-time ideal.
 
-The CPU-time ideal (``mod_serve.bench.time_ideal``) asks what a MoD model would take if routing cost
+The CPU-time ideal (``mod_serve.time_ideal``) asks what a MoD model would take if routing cost
 nothing: the dense step, less what each routed layer skips. That needs two things measured on the
 machine, with vLLM's own code:
 
@@ -16,6 +16,7 @@ machine, with vLLM's own code:
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -94,8 +95,7 @@ def linear_seconds(shapes: list[tuple[int, int]], num_layers: int, dtype: torch.
             for m in layers:
                 m.cpu_linear(inputs[m.weight.shape[1]][rows], m.weight, None)
             times.append(time.perf_counter() - t)
-        times = sorted(times[1:])
-        out.append(times[len(times) // 2] / num_layers)
+        out.append(statistics.median(times[1:]) / num_layers)
     return out
 
 
