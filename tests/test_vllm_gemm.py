@@ -44,26 +44,29 @@ def test_routed_linears_skip_sgl_kernel_and_take_zero_rows():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_routed_linears_pad_rows_to_a_few_buckets(dtype):
+def test_routed_linears_run_rows_in_a_few_piece_sizes(dtype):
     """oneDNN builds a primitive per row count and vLLM keeps 32 per weight; a routed layer's row
-    count is its routed tokens, new in nearly every prefill. Its linear pads the rows to a bucket:
-    every count up to 8 as it is, at most 1.5x above, at most 28 sizes up to 8192; the result is
-    x @ W.T for every count, zero rows included."""
+    count is its routed tokens, new in nearly every prefill. Its linear runs the rows in pieces:
+    the powers of two >= 64 of the count, then the rest padded to at most 64 rows (as it is up to
+    8): 18 sizes up to 8192, all built by ``warm_up``; the result is x @ W.T for every count."""
     from mod_serve.vllm_internals import gemm
 
     if not layer_utils.ops._supports_onednn or not gemm.bucketed_rows():
         pytest.skip("no oneDNN GEMM or no C++ routed ops here")
     if dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported():
         pytest.skip("bf16 oneDNN GEMMs need AVX-512 BF16")
-    buckets = [torch.ops.mod_serve.bucket_rows(r) for r in range(1, 8193)]
-    assert buckets[:8] == list(range(1, 9))
-    assert all(r <= b <= 1.5 * r for r, b in enumerate(buckets, 1))
-    assert len(set(buckets)) == 28
+    pieces = {rows: torch.ops.mod_serve.row_pieces(rows) for rows in range(1, 8193)}
+    assert all(rows <= sum(p) <= rows + 31 and len(p) <= 8 for rows, p in pieces.items())
+    assert pieces[5] == [5] and pieces[777] == [512, 256, 16] and pieces[8191][-1] == 64
+    sizes = {s for p in pieces.values() for s in p}
+    assert sorted(sizes) == gemm.piece_sizes(8192) and len(sizes) == 18
     layer = _linear(n=96, k=64, dtype=dtype)
     weight = layer.weight.detach().double().clone()
     with mock.patch.object(layer_utils, "check_cpu_sgl_kernel", return_value=False):
         AnyRowsLinearMethod().process_weights_after_loading(layer)
-    for rows in (0, 1, 5, 8, 9, 13, 17, 33, 100, 513):
+    module = nn.Sequential(layer)
+    assert gemm.warm_up(module, 300) == len(gemm.piece_sizes(300)) == 8 + 2 + 3  # 1-8, 16, 32, 64-256
+    for rows in (0, 1, 5, 8, 9, 13, 17, 33, 63, 64, 65, 100, 513, 777):
         x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).to(dtype)
         got = layer.cpu_linear(x, layer.weight, None)
         assert got.shape == (rows, 96) and got.is_contiguous()

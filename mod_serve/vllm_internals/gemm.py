@@ -11,12 +11,13 @@ need another path: there the dispatch skips sgl-kernel and takes the path vLLM u
 larger weight (oneDNN's ``onednn_mm``, which returns an empty output for an empty input, or
 ``torch.nn.functional.linear``). Everything else about the dispatch is vLLM's.
 
-oneDNN builds a primitive per row count (vLLM keeps 32 per weight), and a routed layer's row count
-is new in nearly every prefill step: its routed tokens. So where the C++ routed ops are built
-(``cpu_decode``), a routed layer's oneDNN linear runs ``mod_serve::onednn_mm_rows``
-(``routed_linear.cpp``): vLLM's same ``_C::onednn_mm`` and handler, the rows zero-padded up to one
-of at most 28 bucket sizes up to 8192 (every count up to 8, then 2^k and 1.5 * 2^k), so that
-prefill steps reuse primitives.
+oneDNN builds a primitive per row count (1-8 ms each here; vLLM keeps 32 per weight), and a
+routed layer's row count is new in nearly every prefill step: its routed tokens. So where the C++
+routed ops are built (``cpu_decode``), a routed layer's oneDNN linear runs
+``mod_serve::onednn_mm_rows`` (``routed_linear.cpp``): vLLM's same ``_C::onednn_mm`` and handler
+over row pieces of a few fixed sizes (the powers of two >= 64 in the count, then the rest padded to
+at most 64), and the worker's warm-up (``warm_up``) builds each size's primitive ahead, so that no
+prefill step builds one.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class AnyRowsLinearMethod(UnquantizedLinearMethod):
                 mock.patch.object(layer_utils.ops, "create_onednn_mm", create_and_keep):
             super().process_weights_after_loading(layer)
         if handlers and bucketed_rows():
-            handler = handlers[-1]
+            handler = layer.routed_onednn = handlers[-1]
             layer.cpu_linear = lambda x, weight, bias: torch.ops.mod_serve.onednn_mm_rows(
                 x, bias, handler.handler_tensor, handler.n)
 
@@ -61,6 +62,31 @@ def bucketed_rows() -> bool:
     torch.library.register_fake("mod_serve::onednn_mm_rows")(
         lambda x, bias, handler, n: x.new_empty((*x.shape[:-1], n)))
     return True
+
+
+def piece_sizes(max_rows: int) -> list[int]:
+    """Every GEMM size ``onednn_mm_rows`` runs for row counts up to ``max_rows``."""
+    counts = [*range(1, 64), *(1 << b for b in range(6, max(max_rows, 1).bit_length()))]
+    return sorted({p for rows in counts for p in torch.ops.mod_serve.row_pieces(rows)})
+
+
+def warm_up(module: nn.Module, max_rows: int) -> int:
+    """Build the oneDNN primitive of every piece size up to ``max_rows`` (the step's token budget)
+    in each routed linear under ``module``, as vLLM's warm-up runs its dense shapes ahead; returns
+    how many GEMMs ran. Inputs are zeros; outputs are dropped."""
+    layers = [m for m in module.modules() if hasattr(m, "routed_onednn")]
+    if not layers:
+        return 0
+    sizes = piece_sizes(max_rows)
+    ran = 0
+    for m in layers:
+        h = m.routed_onednn
+        x = torch.zeros(sizes[-1], h.k, dtype=m.weight.dtype)  # vLLM may empty it; it keeps its dtype
+        out = x.new_empty(sizes[-1], h.n)
+        for rows in sizes:
+            torch.ops._C.onednn_mm(out[:rows], x[:rows], None, h.handler_tensor)
+            ran += 1
+    return ran
 
 
 def accept_empty_inputs(module: nn.Module) -> None:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import functools
+import logging
+import time
 
 import torch
+
+logger = logging.getLogger("vllm.mod_serve")  # under vLLM's logger, which has the handler
 
 
 def _worker_base():
@@ -59,6 +63,16 @@ class MoDWorker(_worker_base()):
         state = self._routing_state()
         if state is not None:
             state.bind_runner(self.model_runner)
+        return out
+
+    def compile_or_warm_up_model(self):
+        out = super().compile_or_warm_up_model()
+        from . import gemm
+
+        start = time.perf_counter()
+        ran = gemm.warm_up(self.model_runner.model, self.vllm_config.scheduler_config.max_num_batched_tokens)
+        if ran:
+            logger.info("mod-serve: built the routed linears' %d GEMM primitives in %.1f s", ran, time.perf_counter() - start)
         return out
 
     def initialize_from_config(self, kv_cache_config) -> None:
