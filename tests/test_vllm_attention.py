@@ -18,10 +18,14 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
     """Every compact CommonAttentionMetadata built during a batch with chunked prefill, the
-    engine's vllm_config, and the routed layers' KV specs."""
+    engine's vllm_config, and the routed layers' KV specs. The Python path, as on a machine
+    without the C++ routed ops (``cpu_decode.bind`` returns None), which
+    tests/test_vllm_cpu_decode.py checks against the C++ one."""
+    from unittest import mock
+
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-    from mod_serve.vllm_internals import routed_backend
+    from mod_serve.vllm_internals import cpu_decode, routed_backend
 
     builder_cls = routed_backend(CPUAttentionBackend).get_builder_cls()
     original = builder_cls.build_compact
@@ -36,7 +40,7 @@ def recorded(tmp_path_factory):
     model_dir = small_mod_dir(tmp_path_factory.mktemp("attn"), [0, 2, 3, 5])
     builder_cls.build_compact = record
     try:
-        with inproc_llm(str(model_dir), skip_tokenizer_init=True, max_model_len=512, max_num_batched_tokens=64,
+        with mock.patch.object(cpu_decode, "bind", return_value=None), inproc_llm(str(model_dir), skip_tokenizer_init=True, max_model_len=512, max_num_batched_tokens=64,
                         enable_chunked_prefill=True) as llm:
             llm.generate([{"prompt_token_ids": p} for p in random_prompts()], greedy(MAX_TOKENS))
             runner = worker(llm).model_runner

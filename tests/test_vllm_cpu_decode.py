@@ -1,10 +1,11 @@
-"""A routed layer's decode-step attention as one C++ call (``mod_serve.vllm_internals.cpu_decode``).
+"""A routed layer's attention as one C++ call (``mod_serve.vllm_internals.cpu_decode``), in decode
+and prefill steps.
 
 Checked against a plain PyTorch computation of the same thing: the compact slots (``block_table[r,
-c // B] * B + c % B`` with ``c = prior[r]``), the routed tokens' attention over their requests'
-compact sequences, and the layer's new counts; then in a real engine (CPU, float32, compiled and
-eager), where decode steps must take the C++ call and still serve token for token like the
-reference model."""
+c // B] * B + c % B`` with ``c = prior[r]``, ``prior[r] + 1``, ... for request r's routed tokens in
+step order), the routed tokens' causal attention over their requests' compact sequences, and the
+layer's new counts; then in a real engine (CPU, float32, compiled and eager), where every step
+must take the C++ call and still serve token for token like the reference model."""
 
 from __future__ import annotations
 
@@ -35,17 +36,35 @@ def _write(k, v, key_cache, value_cache, slots, isa):
 DTYPES = [torch.float32] + ([torch.bfloat16] if torch.cpu._is_avx512_bf16_supported() else [])
 
 
+def _op(ext, key_cache, value_cache, dtype, isa):
+    return ext.RoutedAttention(key_cache, value_cache, [HQ, HK, D, D, B], [D ** -0.5, 1.0, 1.0, 0.0], -1, isa, "auto",
+                               None, None, [HQ, HK, D, -1], torch.empty(0, dtype=dtype), isa, "auto", False)
+
+
+NO_TOKENS = torch.empty(0, dtype=torch.int64)
+
+# (tokens per request this step, routed step indices): decode steps (one token per request,
+# ``token_req`` empty), then prefill / mixed steps (a request's routed tokens take consecutive
+# compact indices from its prior count, across a block end)
+CASES = [([1] * 5, [0, 1, 2, 3, 4]), ([1] * 5, [1, 3, 4]), ([1] * 5, [2]),
+         ([3, 1, 20, 2, 5], [0, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 24, 25, 27, 30]),
+         ([3, 1, 20, 2, 5], [6, 7, 26])]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("routed_rows", [[0, 1, 2, 3, 4], [1, 3, 4], [2]])
-def test_decode_attention_matches_plain_pytorch(routed_rows, dtype):
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_routed_attention_matches_plain_pytorch(case, dtype):
     ext = cpu_decode.extension()
-    assert ext is not None, "the C++ decode attention must build here (g++ and torch's headers)"
-    g = torch.Generator().manual_seed(len(routed_rows))
+    assert ext is not None, "the C++ routed ops must build here (g++ and torch's headers)"
+    lengths, routed = CASES[case]
+    g = torch.Generator().manual_seed(case)
     isa = _isa(dtype)
     prior = torch.tensor([0, 5, 15, 16, 40], dtype=torch.int64)  # empty, mid-block, block ends, 3rd block
-    reqs, num_blocks = prior.numel(), 32
+    reqs, num_blocks = prior.numel(), 40
+    token_req = torch.repeat_interleave(torch.arange(reqs), torch.tensor(lengths))
+    decode = all(n == 1 for n in lengths)
     # rows past num_reqs (the runner's table has max_num_reqs rows) must be ignored
-    block_table = torch.randperm(num_blocks, generator=g)[: (reqs + 2) * 4].view(reqs + 2, 4).to(torch.int32)
+    block_table = torch.randperm(num_blocks, generator=g)[: (reqs + 2) * 5].view(reqs + 2, 5).to(torch.int32)
     key_cache, value_cache = _caches(num_blocks, dtype)
 
     def slot(r, c):
@@ -59,42 +78,43 @@ def test_decode_attention_matches_plain_pytorch(routed_rows, dtype):
             slots = torch.tensor([slot(r, c) for c in range(int(prior[r]))], dtype=torch.int64)
             _write(ctx_k[r], ctx_v[r], key_cache, value_cache, slots, isa)
 
-    n = len(routed_rows)
+    n = len(routed)
+    rows = [int(token_req[i]) for i in routed]
+    compact = [int(prior[r]) + rows[:j].count(r) for j, r in enumerate(rows)]
     q = torch.randn(n, HQ * D, generator=g).to(dtype)
     qkv = torch.randn(n, 2 * HK * D + 8, generator=g).to(dtype)  # k, v as strided views, as in the graph
     k, v = qkv[:, : HK * D], qkv[:, HK * D: 2 * HK * D]
-    idx = torch.tensor(routed_rows, dtype=torch.int64)
     new = torch.zeros(reqs, dtype=torch.int64)
     want_k, want_v = key_cache.clone(), value_cache.clone()
     _write(k.reshape(n, HK, D), v.reshape(n, HK, D), want_k, want_v,
-           torch.tensor([slot(r, int(prior[r])) for r in routed_rows], dtype=torch.int64), isa)
+           torch.tensor([slot(r, c) for r, c in zip(rows, compact)], dtype=torch.int64), isa)
 
-    op = ext.DecodeAttention(key_cache, value_cache, [HQ, HK, D, D, B], [D ** -0.5, 1.0, 1.0, 0.0], -1, isa, "auto",
-                             None, None, [HQ, HK, D, -1], torch.empty(0, dtype=dtype), isa, "auto", False)
-    out = op(q, k, v, idx, prior, new, block_table)
+    out = _op(ext, key_cache, value_cache, dtype, isa)(q, k, v, torch.tensor(routed, dtype=torch.int64),
+                                                       NO_TOKENS if decode else token_req, prior, new, block_table)
 
-    assert new.tolist() == [int(r in routed_rows) for r in range(reqs)]
+    assert new.tolist() == [rows.count(r) for r in range(reqs)]
     assert torch.equal(key_cache, want_k) and torch.equal(value_cache, want_v)  # only the routed slots written
     assert out.shape == (n, HQ * D)
-    for j, r in enumerate(routed_rows):  # attention over the request's compact sequence, then the new token
-        keys = torch.cat([ctx_k[r], k[j].view(1, HK, D)]).float().repeat_interleave(HQ // HK, dim=1)
-        values = torch.cat([ctx_v[r], v[j].view(1, HK, D)]).float().repeat_interleave(HQ // HK, dim=1)
+    for j, r in enumerate(rows):  # causal: the request's compact context, then its routed tokens up to j
+        mine = [i for i in range(j + 1) if rows[i] == r]
+        keys = torch.cat([ctx_k[r], k[mine].view(-1, HK, D)]).float().repeat_interleave(HQ // HK, dim=1)
+        values = torch.cat([ctx_v[r], v[mine].view(-1, HK, D)]).float().repeat_interleave(HQ // HK, dim=1)
         scores = torch.einsum("hd,thd->ht", q[j].view(HQ, D).float(), keys) * D ** -0.5
         want = torch.einsum("ht,thd->hd", scores.softmax(-1), values).reshape(-1)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(out[j].float(), want, rtol=tol, atol=tol)
 
 
-def test_decode_attention_refuses_rows_out_of_order():
+def test_routed_attention_refuses_rows_out_of_order():
     ext = cpu_decode.extension()
     key_cache, value_cache = _caches(4, torch.float32)
-    isa = _isa(torch.float32)
-    op = ext.DecodeAttention(key_cache, value_cache, [HQ, HK, D, D, B], [D ** -0.5, 1.0, 1.0, 0.0], -1, isa, "auto",
-                             None, None, [HQ, HK, D, -1], torch.empty(0), isa, "auto", False)
+    op = _op(ext, key_cache, value_cache, torch.float32, _isa(torch.float32))
     q, kv = torch.zeros(2, HQ * D), torch.zeros(2, HK * D)
     table = torch.zeros(2, 1, dtype=torch.int32)
-    with pytest.raises(RuntimeError, match="bad routed rows"):
-        op(q, kv, kv, torch.tensor([1, 0]), torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), table)
+    zeros = torch.zeros(2, dtype=torch.int64)
+    for idx, token_req in [([1, 0], NO_TOKENS), ([0, 0], NO_TOKENS), ([0, 3], torch.tensor([0, 0, 1]))]:
+        with pytest.raises(RuntimeError, match="bad routed rows"):
+            op(q, kv, kv, torch.tensor(idx), token_req, zeros, zeros.clone(), table)
 
 
 def _route_op_python(layer_name: str):
@@ -128,13 +148,18 @@ def test_route_op_decides_like_torch_and_defers_to_python_outside_a_step():
     assert float(g[3]) < 0.7  # float32(0.7) is below 0.7
     try:
         for p, tokens in [(0.7, 40), (0.7, 33), (0.0, 40), (1.0, 40), (0.25, 1)]:
-            ext.set_step(True, p, tokens, False, empty, empty, [])
+            ext.set_step(True, False, p, tokens, False, empty, empty, empty, [])
             got = route(g, name, in_cpp=True)
             assert torch.equal(got, (g[:tokens] >= p).nonzero().squeeze(-1)), (p, tokens)
-        ext.set_step(True, 0.7, 40, False, empty, empty, [])
-        assert {3, 9} <= set(route(g, name, in_cpp=True).tolist())
+        assert ext.take_routed_log() == []
+        ext.set_step(True, True, 0.7, 40, False, empty, empty, empty, [])  # a step crossing a block boundary
+        first, second = route(g, name, in_cpp=True), route(g[:20], name, in_cpp=True)
+        assert {3, 9} <= set(first.tolist())
+        log = ext.take_routed_log()  # each call's indices, in call (layer) order, kept apart from the graph's
+        assert [x.tolist() for x in log] == [first.tolist(), second.tolist()] and log[0].data_ptr() != first.data_ptr()
+        assert ext.take_routed_log() == []
         assert not layer.calls
-        ext.set_step(False, 0.0, 40, False, empty, empty, [])  # e.g. per-request thresholds
+        ext.set_step(False, False, 0.0, 40, False, empty, empty, empty, [])  # e.g. per-request thresholds
         assert route(g, name, in_cpp=True).tolist() == [-1] and len(layer.calls) == 1
         ext.clear_step()
         assert route(g, name, in_cpp=True).tolist() == [-1] and len(layer.calls) == 2
@@ -143,12 +168,14 @@ def test_route_op_decides_like_torch_and_defers_to_python_outside_a_step():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["compiled", "eager"])
-def test_engine_decode_steps_take_the_cpp_call(mode, tmp_path, monkeypatch):
-    """Decode steps of every routed layer go through the C++ call (the Python compaction then runs
-    for prefill steps only); compiled, the graph's C++ ops decide every step with one threshold and
-    no prefix-cache boundary, and attend in every decode step (a prefill step binds each layer).
-    The engine still serves like the reference model: greedy tokens and per-layer routed counts."""
+@pytest.mark.parametrize("mode", ["compiled", "eager", "python-attention"])
+def test_engine_steps_take_the_cpp_call(mode, tmp_path, monkeypatch):
+    """Every step of every routed layer attends through the C++ call (the Python compaction never
+    runs); compiled, the graph's C++ ops decide every step with one threshold, and each layer's
+    Python attention op runs once, to bind it (in the first step). The engine still serves like the
+    reference model: greedy tokens and per-layer routed counts. ``python-attention``: compiled,
+    with the C++ attention unavailable (``cpu_decode.bind`` gives None): the Python compaction
+    serves every step, and the same tokens and counts."""
     from mod_serve.vllm_internals import attention
     from mod_serve.vllm_model import MoDLlamaDecoderLayer
     from tests.test_vllm_layouts import MAX_TOKENS, random_prompts, small_mod_dir
@@ -163,34 +190,37 @@ def test_engine_decode_steps_take_the_cpp_call(mode, tmp_path, monkeypatch):
         return compact_host(step, *args)
 
     def recording_route(self, g):
-        step = self.routing_state.step
-        python_ops.append(("route", step is not None and step.crossings is None))
+        python_ops.append(("route", self.routing_state.step is not None))
         return route(self, g)
 
     def recording_attend(self, q, k, v, idx):
-        step = self.routing_state.step
-        python_ops.append(("attend", step is not None and step.is_decode))
+        python_ops.append(("attend", self.routing_state.step is not None))
         return attend(self, q, k, v, idx)
 
     monkeypatch.setattr(attention, "_compact_host", recording)
+    if mode == "python-attention":
+        monkeypatch.setattr(cpu_decode, "bind", lambda kernels, builder: None)
     monkeypatch.setattr(MoDLlamaDecoderLayer, "route", recording_route)
     monkeypatch.setattr(MoDLlamaDecoderLayer, "attend", recording_attend)
     model_dir = small_mod_dir(tmp_path / "m", [0, 2, 3, 5])
     prompts = random_prompts()
     want, want_routed = reference_generate(model_dir, prompts, MAX_TOKENS)
     with inproc_llm(str(model_dir), skip_tokenizer_init=True, max_model_len=512,
-                    **(COMPILED if mode == "compiled" else {})) as llm:
+                    **(COMPILED if mode != "eager" else {})) as llm:
         got = token_ids(llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(MAX_TOKENS)))
         stats = llm.collective_rpc("mod_kv_stats")[0]
         model = worker(llm).model_runner.model
         bound = [m.mod_cpu_kernels for m in model.modules() if hasattr(m, "mod_cpu_kernels")]
     assert got == want
     assert {int(layer): n for layer, n in stats["routed_tokens"].items()} == want_routed
-    assert len(bound) == 4 and all(kernels and kernels.decode is not None for kernels in bound)
-    assert python_path and not any(python_path)  # prefill steps only
-    if mode == "compiled":
+    if mode == "python-attention":
+        assert len(bound) == 4 and all(kernels and kernels.compact is None for kernels in bound)
+        assert False in python_path and True in python_path  # prefill and decode steps
+        return
+    assert len(bound) == 4 and all(kernels and kernels.compact is not None for kernels in bound)
+    assert not python_path
+    if mode == "compiled":  # warm-up runs (no step) take the Python ops; real steps only to bind
         assert ("route", False) in python_ops and ("route", True) not in python_ops
-        # prefill steps bind each layer's C++ call; every decode step then attends without Python
-        assert ("attend", False) in python_ops and ("attend", True) not in python_ops
+        assert python_ops.count(("attend", True)) == 4
     else:  # eager: the whole routed layer is one Python op, which never calls these two
         assert not python_ops

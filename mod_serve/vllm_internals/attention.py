@@ -211,10 +211,10 @@ def routed_attention(attn, step: RoutingStep, slot: int, routed_idx: torch.Tenso
         kernels = attn.mod_cpu_kernels
         if kernels is None or (kernels and kernels.kv_cache is not attn.kv_cache):
             kernels = attn.mod_cpu_kernels = CpuAttentionKernels.bind(attn, ls.builder)
-            if kernels and kernels.decode is not None:  # later decode steps: straight from the graph
-                cpu_decode.extension().bind_layer(attn.mod_op_name, slot, kernels.decode)
-        if kernels and kernels.decode is not None and step.is_decode:  # the C++ call (``cpu_decode``)
-            return kernels.decode(q, k, v, routed_idx, ls.prior, ls.new, ls.block_table)
+            if kernels and kernels.compact is not None:  # later steps: straight from the graph
+                cpu_decode.extension().bind_layer(attn.mod_op_name, slot, kernels.compact)
+        if kernels and kernels.compact is not None:  # the C++ call (``cpu_decode``)
+            return kernels.compact(q, k, v, routed_idx, step.cpu_token_req(), ls.prior, ls.new, ls.block_table)
         out = torch.empty(n, attn.num_heads, attn.head_size_v, dtype=q.dtype, device=q.device)
         slots, metadata = _compact_host(step, slot, routed_idx, ls)
         if kernels:
@@ -262,7 +262,7 @@ class CpuAttentionKernels:
         kernels = cls(attn)
         # the C++ call reproduces vLLM's own CPU build, which is what the routed wrapper runs
         if builder is not None and type(builder).__bases__ == (CPUAttentionMetadataBuilder,):
-            kernels.decode = cpu_decode.bind(kernels, builder)  # the decode step as one C++ call, if built
+            kernels.compact = cpu_decode.bind(kernels, builder)  # the whole call in C++, if built
         return kernels
 
     def __init__(self, attn):
@@ -275,7 +275,7 @@ class CpuAttentionKernels:
         self.isa, self.k_scale, self.v_scale = attn.isa, attn._k_scale_float, attn._v_scale_float
         self.dtype, self.scale, self.alibi_slopes = impl.kv_cache_dtype, impl.scale, impl.alibi_slopes
         self.sliding_window, self.softcap, self.sinks = impl.sliding_window, impl.logits_soft_cap, impl.sinks
-        self.decode = None
+        self.compact = None
 
     def __call__(self, q, k, v, slots, metadata, out) -> None:
         n = q.shape[0]

@@ -1,9 +1,10 @@
-// A routed layer's attention in a decode step on the CPU, as one C++ call.
+// A routed layer's attention on the CPU, as one C++ call, in any step (prefill, decode, mixed).
 //
 // The Python path (attention.py: _compact_host, _metadata, CpuAttentionKernels) does the same
 // work with ~20 Python operations per routed layer and step; here it is one call:
-//   1. compaction: request r's token (token r of a decode step) routed in gets compact index
-//      prior[r], stored in slot block_table[r, prior[r] / B] * B + prior[r] % B; new[r] = 1;
+//   1. compaction: the routed tokens (sorted step indices) of request r get compact indices
+//      prior[r], prior[r] + 1, ... in step order, stored in slot block_table[r, c / B] * B + c % B;
+//      new[r] counts them;
 //   2. the compact metadata vLLM's CPU builder would build: query_start_loc = [0, cumsum(new)],
 //      seq_lens = prior + new, and its scheduler metadata (_C::get_scheduler_metadata);
 //   3. vLLM's two CPU attention kernels (_C::cpu_attn_reshape_and_cache, then
@@ -18,6 +19,7 @@
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -26,7 +28,7 @@ c10::OperatorHandle find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
 }
 
-struct DecodeAttention {
+struct RoutedAttention {
   // the layer's KV cache, as vLLM's CPU impl views it: [blocks, kv heads, block size, head size]
   at::Tensor key_cache, value_cache;
   int64_t num_heads, num_kv_heads, head_size, head_size_v, block_size;
@@ -41,7 +43,7 @@ struct DecodeAttention {
   bool kv_split;
   c10::OperatorHandle scheduler_op, cache_op, attention_op;
 
-  DecodeAttention(at::Tensor key_cache, at::Tensor value_cache, std::vector<int64_t> shape,
+  RoutedAttention(at::Tensor key_cache, at::Tensor value_cache, std::vector<int64_t> shape,
                   std::vector<double> scales, int64_t sliding_window, std::string isa,
                   std::string kv_cache_dtype, c10::optional<at::Tensor> alibi_slopes,
                   c10::optional<at::Tensor> sinks, std::vector<int64_t> md, const at::Tensor& md_dtype,
@@ -75,18 +77,23 @@ struct DecodeAttention {
         attention_op(find_op("_C::cpu_attention_with_kv_cache")) {}
 
   // q [n, heads * head size], k and v [n, kv heads * head size] of the routed tokens; idx [n]
-  // their batch rows (sorted); prior [reqs] and new [reqs] (int64, written) this layer's row of
-  // the step's counts; block_table [reqs, blocks] (int32) this layer's. Returns [n, heads * head size v].
+  // their step indices (sorted); token_req [step tokens] the batch row of each step token, or
+  // empty where token i is request i's (a decode step); prior [reqs] and new [reqs] (int64, new
+  // zero and written) this layer's row of the step's counts; block_table [reqs, blocks] (int32)
+  // this layer's. Returns [n, heads * head size v].
   at::Tensor operator()(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx,
-                        const at::Tensor& prior, at::Tensor new_row, const at::Tensor& block_table) {
-    const int64_t n = idx.size(0), reqs = prior.size(0);
-    TORCH_CHECK(idx.scalar_type() == at::kLong && prior.scalar_type() == at::kLong &&
-                    new_row.scalar_type() == at::kLong && block_table.scalar_type() == at::kInt,
-                "mod-serve decode attention: unexpected index dtypes");
-    TORCH_CHECK(prior.is_contiguous() && new_row.is_contiguous() && idx.is_contiguous() &&
+                        const at::Tensor& token_req, const at::Tensor& prior, at::Tensor new_row,
+                        const at::Tensor& block_table) {
+    const int64_t n = idx.size(0), reqs = prior.size(0), tokens = token_req.numel();
+    TORCH_CHECK(idx.scalar_type() == at::kLong && token_req.scalar_type() == at::kLong &&
+                    prior.scalar_type() == at::kLong && new_row.scalar_type() == at::kLong &&
+                    block_table.scalar_type() == at::kInt,
+                "mod-serve routed attention: unexpected index dtypes");
+    TORCH_CHECK(prior.is_contiguous() && new_row.is_contiguous() && idx.is_contiguous() && token_req.is_contiguous() &&
                     block_table.stride(1) == 1 && block_table.size(0) >= reqs && new_row.size(0) == reqs,
-                "mod-serve decode attention: unexpected index layouts");
-    const int64_t* rows = idx.data_ptr<int64_t>();
+                "mod-serve routed attention: unexpected index layouts");
+    const int64_t* steps = idx.data_ptr<int64_t>();
+    const int64_t* req_of = tokens ? token_req.data_ptr<int64_t>() : nullptr;
     const int64_t* pr = prior.data_ptr<int64_t>();
     int64_t* nw = new_row.data_ptr<int64_t>();
     const int32_t* bt = block_table.data_ptr<int32_t>();
@@ -97,11 +104,13 @@ struct DecodeAttention {
     at::Tensor slots = at::empty({n}, i64), seq_lens = at::empty({reqs}, i32), qsl = at::empty({reqs + 1}, i32);
     int64_t* sl = slots.data_ptr<int64_t>();
     for (int64_t j = 0; j < n; ++j) {
-      const int64_t r = rows[j];
-      TORCH_CHECK(r >= 0 && r < reqs && (j == 0 || r > rows[j - 1]), "mod-serve decode attention: bad routed rows");
-      const int64_t c = pr[r], col = c / block_size;
-      TORCH_CHECK(col < bt_cols, "mod-serve decode attention: compact index past the block table");
-      nw[r] = 1;
+      const int64_t i = steps[j];
+      TORCH_CHECK(i >= 0 && (j == 0 || i > steps[j - 1]) && (!req_of || i < tokens),
+                  "mod-serve routed attention: bad routed rows");
+      const int64_t r = req_of ? req_of[i] : i;
+      TORCH_CHECK(r >= 0 && r < reqs, "mod-serve routed attention: bad routed rows");
+      const int64_t c = pr[r] + nw[r]++, col = c / block_size;
+      TORCH_CHECK(col < bt_cols, "mod-serve routed attention: compact index past the block table");
       sl[j] = static_cast<int64_t>(bt[r * bt_stride + col]) * block_size + c % block_size;
     }
     int32_t* q_loc = qsl.data_ptr<int32_t>();
@@ -135,34 +144,40 @@ struct DecodeAttention {
 
 // ---- the routed layer's two graph ops on the CPU -------------------------------------------
 // vLLM's compiled graph calls mod_serve::route_cpu and mod_serve::routed_attention_cpu where the
-// Python ops mod_serve::route and mod_serve::routed_attention would be (routed_op.py). In the
-// common step they run here without entering Python: the decision g >= p (float32, as torch
-// compares a float32 tensor with a Python float) and, in a decode step, the bound layer's
-// DecodeAttention. Any other step (a warm-up run, per-request thresholds, tensor parallelism,
-// the prefix cache's boundary log, prefill, a layer not bound yet) calls the Python op.
+// Python ops mod_serve::route and mod_serve::routed_attention would be (routed_op.py). In a real
+// step they run here without entering Python: the decision g >= p (float32, as torch compares a
+// float32 tensor with a Python float; each layer's indices kept for the prefix cache's boundary
+// log when the step crosses a block boundary) and the bound layer's RoutedAttention. Otherwise
+// (a warm-up run; per-request thresholds or tensor parallelism for the decision; a layer not
+// bound yet for attention) they call the Python op.
 
 struct Step {
-  bool route_here = false;   // one threshold for the step, nothing to log or share
-  bool attend_here = false;  // a decode step
+  bool route_here = false;   // one threshold for the step, nothing to share across TP ranks
+  bool log_routes = false;   // keep each layer's indices (the step crosses a block boundary)
+  bool attend_here = false;  // a real step
   float p = 0.f;
   int64_t num_tokens = 0;
+  at::Tensor token_req;             // [tokens] int64 batch row of each token; empty in a decode step
   at::Tensor prior, new_counts;     // [routed layers, reqs] int64, the step's counts
   std::vector<at::Tensor> tables;   // per routed slot: its block table (int32)
+  std::vector<at::Tensor> routed_log;  // the indices route_cpu returned, in call (layer) order
 };
 
 struct Bound {
   int64_t slot;
-  std::weak_ptr<DecodeAttention> op;  // owned by the layer (Python); gone with its engine
+  std::weak_ptr<RoutedAttention> op;  // owned by the layer (Python); gone with its engine
 };
 
 Step g_step;
 std::unordered_map<std::string, Bound> g_bound;  // the layer's op name (process-unique) -> its call
 
-void set_step(bool route_here, double p, int64_t num_tokens, bool attend_here, at::Tensor prior,
-              at::Tensor new_counts, std::vector<at::Tensor> tables) {
+void set_step(bool route_here, bool log_routes, double p, int64_t num_tokens, bool attend_here, at::Tensor token_req,
+              at::Tensor prior, at::Tensor new_counts, std::vector<at::Tensor> tables) {
   Step step;
   step.route_here = route_here;
+  step.log_routes = log_routes;
   step.attend_here = attend_here;
+  step.token_req = std::move(token_req);
   step.p = static_cast<float>(p);
   step.num_tokens = num_tokens;
   step.prior = std::move(prior);
@@ -173,7 +188,9 @@ void set_step(bool route_here, double p, int64_t num_tokens, bool attend_here, a
 
 void clear_step() { g_step = Step{}; }
 
-void bind_layer(const std::string& name, int64_t slot, std::shared_ptr<DecodeAttention> op) {
+std::vector<at::Tensor> take_routed_log() { return std::exchange(g_step.routed_log, {}); }
+
+void bind_layer(const std::string& name, int64_t slot, std::shared_ptr<RoutedAttention> op) {
   for (auto it = g_bound.begin(); it != g_bound.end();) {  // drop layers of engines since closed
     it = it->second.op.expired() ? g_bound.erase(it) : std::next(it);
   }
@@ -197,6 +214,10 @@ at::Tensor route_cpu(const at::Tensor& g, c10::string_view layer_name) {
   for (int64_t i = 0, j = 0; i < tokens; ++i) {
     if (x[i] >= p) out[j++] = i;
   }
+  if (g_step.log_routes) {
+    g_step.routed_log.push_back(idx);
+    return idx.clone();  // the log keeps its own, as the Python op's does
+  }
   return idx;
 }
 
@@ -208,8 +229,8 @@ at::Tensor routed_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
       if (auto op = it->second.op.lock()) {
         const int64_t slot = it->second.slot;
         if (idx.size(0) == 0) return at::empty({0, op->num_heads * op->head_size_v}, q.options());
-        return (*op)(q, k, v, idx, g_step.prior.select(0, slot), g_step.new_counts.select(0, slot),
-                     g_step.tables.at(slot));
+        return (*op)(q, k, v, idx, g_step.token_req, g_step.prior.select(0, slot),
+                     g_step.new_counts.select(0, slot), g_step.tables.at(slot));
       }
     }
   }
@@ -235,9 +256,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_step", &set_step);
   m.def("clear_step", &clear_step);
   m.def("bind_layer", &bind_layer);
-  pybind11::class_<DecodeAttention, std::shared_ptr<DecodeAttention>>(m, "DecodeAttention")
+  m.def("take_routed_log", &take_routed_log);
+  pybind11::class_<RoutedAttention, std::shared_ptr<RoutedAttention>>(m, "RoutedAttention")
       .def(pybind11::init<at::Tensor, at::Tensor, std::vector<int64_t>, std::vector<double>, int64_t, std::string,
                           std::string, c10::optional<at::Tensor>, c10::optional<at::Tensor>, std::vector<int64_t>,
                           at::Tensor, std::string, std::string, bool>())
-      .def("__call__", &DecodeAttention::operator());
+      .def("__call__", &RoutedAttention::operator());
 }

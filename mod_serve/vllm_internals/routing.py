@@ -34,6 +34,9 @@ def request_threshold(extra_args: dict | None, default: float) -> float:
     return round(float(p), THRESHOLD_DECIMALS)
 
 
+_NO_TOKENS = torch.empty(0, dtype=torch.int64)
+
+
 @dataclasses.dataclass
 class RoutingStep:
     req_ids: list[str]
@@ -60,6 +63,13 @@ class RoutingStep:
     layer_steps: dict | None = None  # routed slot -> its constants this step (``attention.LayerStep``, CPU)
     _all_in_qsl: torch.Tensor | None = None
     _decode_host: tuple | None = None
+    _cpu_token_req: torch.Tensor | None = None
+
+    def cpu_token_req(self) -> torch.Tensor:
+        """``token_req`` for the C++ routed attention: empty in a decode step (token i is request i's)."""
+        if self._cpu_token_req is None:
+            self._cpu_token_req = _NO_TOKENS if self.is_decode else self.token_req
+        return self._cpu_token_req
 
     @property
     def num_reqs(self) -> int:
@@ -211,14 +221,14 @@ class RoutingState:
 
     def _tell_cpu_ops(self, step: RoutingStep) -> None:
         """What the C++ routed ops need to run this step without Python: they decide here when
-        the step has one threshold and nothing to share or log (TP, prefix-cache boundaries), and
-        attend here in a decode step."""
+        the step has one threshold and nothing to share across TP ranks (keeping the indices when
+        the prefix cache's boundary log needs them), and attend here in every step."""
         from .attention import step_block_tables
 
-        route_here = step.tp_group is None and step.crossings is None and not isinstance(step.p, torch.Tensor)
-        tables = step_block_tables(step, len(self.routed_layers)) if step.is_decode else []
-        self.cpu_ops.set_step(route_here, step.p if route_here else 0.0, step.num_tokens, step.is_decode,
-                              step.prior, step.new, tables)
+        route_here = step.tp_group is None and not isinstance(step.p, torch.Tensor)
+        self.cpu_ops.set_step(route_here, route_here and step.crossings is not None, step.p if route_here else 0.0,
+                              step.num_tokens, True, step.cpu_token_req(), step.prior, step.new,
+                              step_block_tables(step, len(self.routed_layers)))
 
     def _crossings(self, computed: np.ndarray, lengths: np.ndarray, qsl: np.ndarray):
         """Block boundaries N = jB with computed < N <= computed + length, per batch row."""
@@ -246,6 +256,11 @@ class RoutingState:
     def end(self) -> None:
         step, self.step = self.step, None
         if self.cpu_ops is not None:
+            if step is not None and step.crossings is not None:
+                cpp_log = self.cpu_ops.take_routed_log()  # the layers that decided in C++
+                if cpp_log and step.routed_log:
+                    raise RuntimeError("mod-serve: routed layers decided both in C++ and in Python in one step")
+                step.routed_log = step.routed_log or cpp_log
             self.cpu_ops.clear_step()
         if step is None:
             return
