@@ -51,7 +51,7 @@ def test_routed_linears_run_rows_in_a_few_piece_sizes(dtype):
     8): 18 sizes up to 8192, all built by ``warm_up``; the result is x @ W.T for every count."""
     from mod_serve.vllm_internals import gemm
 
-    if not layer_utils.ops._supports_onednn or not gemm.bucketed_rows():
+    if not layer_utils.ops._supports_onednn or not gemm.row_pieces_op():
         pytest.skip("no oneDNN GEMM or no C++ routed ops here")
     if dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported():
         pytest.skip("bf16 oneDNN GEMMs need AVX-512 BF16")

@@ -33,7 +33,7 @@ from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
 class AnyRowsLinearMethod(UnquantizedLinearMethod):
     """vLLM's unquantized linear method, dispatched on the CPU without sgl-kernel's GEMM; where it
-    lands on oneDNN and the C++ routed ops are built, the rows go in padded to a bucket."""
+    lands on oneDNN and the C++ routed ops are built, the rows go in pieces of a few fixed sizes."""
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         handlers = []
@@ -46,14 +46,14 @@ class AnyRowsLinearMethod(UnquantizedLinearMethod):
         with mock.patch.object(layer_utils, "check_cpu_sgl_kernel", return_value=False), \
                 mock.patch.object(layer_utils.ops, "create_onednn_mm", create_and_keep):
             super().process_weights_after_loading(layer)
-        if handlers and bucketed_rows():
+        if handlers and row_pieces_op():
             handler = layer.routed_onednn = handlers[-1]
             layer.cpu_linear = lambda x, weight, bias: torch.ops.mod_serve.onednn_mm_rows(
                 x, bias, handler.handler_tensor, handler.n)
 
 
 @functools.cache
-def bucketed_rows() -> bool:
+def row_pieces_op() -> bool:
     """Whether ``mod_serve::onednn_mm_rows`` is loaded (the C++ routed ops; its fake registered)."""
     from . import cpu_decode
 
