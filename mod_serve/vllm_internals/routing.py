@@ -63,13 +63,10 @@ class RoutingStep:
     layer_steps: dict | None = None  # routed slot -> its constants this step (``attention.LayerStep``, CPU)
     _all_in_qsl: torch.Tensor | None = None
     _decode_host: tuple | None = None
-    _cpu_token_req: torch.Tensor | None = None
 
     def cpu_token_req(self) -> torch.Tensor:
         """``token_req`` for the C++ routed attention: empty in a decode step (token i is request i's)."""
-        if self._cpu_token_req is None:
-            self._cpu_token_req = _NO_TOKENS if self.is_decode else self.token_req
-        return self._cpu_token_req
+        return _NO_TOKENS if self.is_decode else self.token_req
 
     @property
     def num_reqs(self) -> int:
