@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -115,10 +116,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = resolve_model(p, args.model)
         overrides = hf_overrides(p, path, args.mod_threshold)
-        return _serve(args, path, overrides)
+        with bind_port(p, args.host, args.port) as sock:
+            return _serve(args, path, overrides, sock)
     except KeyboardInterrupt:
         _log("interrupted")
         return 130
+
+
+def bind_port(p: argparse.ArgumentParser, host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the engine starts, as vLLM's own API server does: a
+    port in use fails at once, not after the engine's start-up, and no port the engine opens for
+    itself can take it meanwhile. uvicorn listens on it once the engine is ready; until then a
+    connection is refused."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # (uvicorn's rule)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        p.error(f"--host {host} --port {port}: cannot bind: {e.strerror or e}")
+    return sock
 
 
 class _Server(uvicorn.Server):
@@ -193,7 +211,7 @@ def _setup_access_log() -> None:
         logger.propagate = False
 
 
-def _serve(args: argparse.Namespace, path: Path, overrides: dict | None) -> int:
+def _serve(args: argparse.Namespace, path: Path, overrides: dict | None, sock: socket.socket) -> int:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.platforms import current_platform
 
@@ -222,7 +240,7 @@ def _serve(args: argparse.Namespace, path: Path, overrides: dict | None) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=5, access_log=False)
     server = _Server(config, args.drain_timeout)
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the signal it handled after a clean shutdown
         pass
     if not server.started:

@@ -52,6 +52,21 @@ def test_bad_arguments_are_refused_before_anything_starts(args, says, capsys):
     assert exc.value.code == 2 and says in capsys.readouterr().err
 
 
+def test_a_port_in_use_is_refused_before_the_engine_starts(tmp_path, capsys):
+    import socket
+
+    (tmp_path / "config.json").write_text("{}")  # (the engine would refuse it; it must not get there)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exc:
+            main(["--model", str(tmp_path), "--port", str(port)])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2 and f"--port {port}: cannot bind" in err and "in use" in err
+    assert "starting the vLLM engine" not in out
+
+
 @pytest.mark.slow
 def test_mod_threshold_needs_a_mod_checkpoint(default_base_dir, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -502,6 +502,8 @@ def test_fuzz_one_keepalive_connection(server, model):
 
 
 SOAK_STREAMS, SOAK_ROUNDS = 64, 3
+SOAK_STATE = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:num_preemptions_total",
+              "vllm:kv_cache_usage_perc", "mod_free_kv_blocks", "vllm:generation_tokens_total")  # fmt: skip
 
 
 SOAK_DROP_TOKENS = MAX_MODEL_LEN - 64  # (prompts, the chat template's included, are < 64 tokens)
@@ -553,7 +555,14 @@ def test_soak_streams_dropped_midstream_leak_nothing(server, model):
     for n in range(SOAK_ROUNDS):
         log_start = log_path.stat().st_size
         started = time.time()
-        results = asyncio.run(one_round())
+        try:
+            results = asyncio.run(one_round())
+        except httpx.TimeoutException as e:  # a stream silent for 120 s: say what the engine was doing
+            m = metrics(server.base)
+            state = {k: v for k, v in m.items() if k.split("{")[0] in SOAK_STATE}
+            lines = re.findall(r'^.*"POST /v1/\S+" (?:aborted|\d{3}) .*$', log_path.read_text()[log_start:], re.M)
+            pytest.fail(f"round {n + 1}: {e!r} after {time.time() - started:.0f} s; engine {state}; "
+                        f"the round's access log:\n" + "\n".join(lines[-80:]))  # fmt: skip
         took = time.time() - started
         assert [status for status, _, _, _ in results] == [200] * SOAK_STREAMS
         dropped = [events for _, drop, events, _ in results if drop]
