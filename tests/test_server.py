@@ -332,7 +332,9 @@ def test_client_disconnect_aborts_and_frees_blocks(server, model):
     with httpx.Client(timeout=120) as http:
         with http.stream("POST", server.base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
             events = [json.loads(line[6:]) for _, line in zip(range(80), r.iter_lines()) if line.startswith("data: {")]
-            during = metrics(server.base)
+            deadline = time.time() + 10  # (vLLM's gauges follow the engine a moment behind)
+            while (during := metrics(server.base))["vllm:num_requests_running"] != 1 and time.time() < deadline:
+                time.sleep(0.1)
             assert during["vllm:num_requests_running"] == 1 and during["vllm:kv_cache_usage_perc"] > 0
         # leaving the block closes the connection mid-stream
     # tokens received: a slow reader gets several tokens in one event (vLLM merges a stream's
