@@ -349,10 +349,10 @@ def test_client_disconnect_aborts_and_frees_blocks(server, model):
     generated = m["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
     time.sleep(1)
     assert metrics(server.base)["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] == generated
-    # aborted (not ended at max_tokens) and counted once as a client disconnect. Decoding goes on
-    # until the server sees the closed socket: +10 to +51 tokens after the last one received here,
-    # more on a loaded machine, so that is printed, not bounded (it would bound a time).
-    # (the HTTP side counts the abort a moment after the engine is idle)
+    # Aborted (not ended at max_tokens) and counted once as a client disconnect; the HTTP side
+    # counts the abort a moment after the engine is idle. How many tokens the engine decodes
+    # before the server sees the closed socket depends on the machine's load, so that is printed,
+    # not bounded (a bound would be a timing).
     aborts, length = "mod_serve_requests_aborted_total{reason=client_disconnect}", "vllm:request_success_total{finished_reason=length}"
     deadline = time.time() + 10
     while (m := metrics(server.base)).get(aborts, 0) == before.get(aborts, 0) and time.time() < deadline:
