@@ -163,16 +163,22 @@ def access_outcomes(log: str, ports: list[int]) -> dict[int, str]:
     return out
 
 
-def wait_idle(base: str, timeout: float = 10) -> dict[str, float]:
-    """Metrics once nothing runs and the KV pool is back to full (fails after ``timeout``)."""
+def wait_metrics(base: str, done, timeout: float) -> dict[str, float]:
+    """Metrics once ``done(metrics)`` holds, or the last ones read at ``timeout`` (the caller asserts)."""
     deadline = time.time() + timeout
-    while True:
-        m = metrics(base)
-        idle = m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0
+    while not done(m := metrics(base)) and time.time() < deadline:
+        time.sleep(0.1)
+    return m
+
+
+def wait_idle(base: str, timeout: float = 10) -> dict[str, float]:
+    """Metrics once nothing runs and the KV pool is back to full (or at ``timeout``)."""
+
+    def idle(m):
         mod_full = m.get("mod_free_kv_blocks", 0) == m.get("mod_total_kv_blocks", 0)
-        if idle and mod_full or time.time() > deadline:
-            return m
-        time.sleep(0.2)
+        return m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0 and mod_full
+
+    return wait_metrics(base, idle, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -332,9 +338,8 @@ def test_client_disconnect_aborts_and_frees_blocks(server, model):
     with httpx.Client(timeout=120) as http:
         with http.stream("POST", server.base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
             events = [json.loads(line[6:]) for _, line in zip(range(80), r.iter_lines()) if line.startswith("data: {")]
-            deadline = time.time() + 10  # (vLLM's gauges follow the engine a moment behind)
-            while (during := metrics(server.base))["vllm:num_requests_running"] != 1 and time.time() < deadline:
-                time.sleep(0.1)
+            # (vLLM's gauges follow the engine a moment behind)
+            during = wait_metrics(server.base, lambda m: m["vllm:num_requests_running"] == 1, timeout=10)
             assert during["vllm:num_requests_running"] == 1 and during["vllm:kv_cache_usage_perc"] > 0
         # leaving the block closes the connection mid-stream
     # tokens received: a slow reader gets several tokens in one event (vLLM merges a stream's
@@ -354,9 +359,7 @@ def test_client_disconnect_aborts_and_frees_blocks(server, model):
     # before the server sees the closed socket depends on the machine's load, so that is printed,
     # not bounded (a bound would be a timing).
     aborts, length = "mod_serve_requests_aborted_total{reason=client_disconnect}", "vllm:request_success_total{finished_reason=length}"
-    deadline = time.time() + 10
-    while (m := metrics(server.base)).get(aborts, 0) == before.get(aborts, 0) and time.time() < deadline:
-        time.sleep(0.2)
+    m = wait_metrics(server.base, lambda m: m.get(aborts, 0) != before.get(aborts, 0), timeout=10)
     assert m.get(aborts, 0) - before.get(aborts, 0) == 1 and m.get(length, 0) == before.get(length, 0)
     assert len(events) >= 20 and received <= generated < max_tokens, (len(events), received, generated)
     print(f"disconnect: {received} tokens received in {len(events)} events, {generated - received} more decoded")

@@ -531,6 +531,11 @@ async def soak_stream(http: httpx.AsyncClient, model: str, i: int) -> tuple[int,
     return r.status_code, drop, events, port
 
 
+def round_log(log_path: Path, start: int) -> list[str]:
+    """The access log's request lines written since offset ``start``."""
+    return re.findall(r'^.*"POST /v1/\S+" (?:aborted|\d{3}) .*$', log_path.read_text()[start:], re.M)
+
+
 @pytest_slow
 def test_soak_streams_dropped_midstream_leak_nothing(server, model):
     """Three rounds of 64 concurrent streams, every fourth dropped by its client after three
@@ -560,7 +565,7 @@ def test_soak_streams_dropped_midstream_leak_nothing(server, model):
         except httpx.TimeoutException as e:  # a stream silent for 120 s: say what the engine was doing
             m = metrics(server.base)
             state = {k: v for k, v in m.items() if k.split("{")[0] in SOAK_STATE}
-            lines = re.findall(r'^.*"POST /v1/\S+" (?:aborted|\d{3}) .*$', log_path.read_text()[log_start:], re.M)
+            lines = round_log(log_path, log_start)
             pytest.fail(f"round {n + 1}: {e!r} after {time.time() - started:.0f} s; engine {state}; "
                         f"the round's access log:\n" + "\n".join(lines[-80:]))  # fmt: skip
         took = time.time() - started
@@ -590,7 +595,7 @@ def test_soak_streams_dropped_midstream_leak_nothing(server, model):
         while (got := aborted(metrics(server.base))) < want and time.time() < deadline:
             time.sleep(0.2)
         if got != want:
-            lines = re.findall(r'^.*"POST /v1/\S+" (?:aborted|\d{3}) .*$', log_path.read_text()[log_start:], re.M)
+            lines = round_log(log_path, log_start)
             pytest.fail(f"round {n + 1}: {got - want:+.0f} client_disconnect aborts against the {drops} dropped "
                         f"streams the server aborted; the round's access log:\n" + "\n".join(lines))  # fmt: skip
         if drops < len(ports):
