@@ -172,11 +172,12 @@ def wait_metrics(base: str, done, timeout: float) -> dict[str, float]:
 
 
 def wait_idle(base: str, timeout: float = 10) -> dict[str, float]:
-    """Metrics once nothing runs and the KV pool is back to full (or at ``timeout``)."""
+    """Metrics once no request runs or waits and the KV pool is back to full (or at ``timeout``)."""
 
     def idle(m):
         mod_full = m.get("mod_free_kv_blocks", 0) == m.get("mod_total_kv_blocks", 0)
-        return m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0 and mod_full
+        quiet = m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0
+        return quiet and m["vllm:kv_cache_usage_perc"] == 0 and mod_full
 
     return wait_metrics(base, idle, timeout)
 

@@ -31,7 +31,8 @@ from vllm.exceptions import QueueOverflowError, VLLMValidationError
 
 from server.app import APIError, harden
 from server.cli import _Server
-from test_server import KEY, ServerProcess, access_outcomes, free_port, metrics, test_model_dir, tokenizer  # noqa: F401 (a fixture)
+from test_server import (KEY, ServerProcess, access_outcomes, free_port, metrics, test_model_dir, tokenizer,  # noqa: F401 (a fixture)
+                         wait_idle, wait_metrics)
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -268,19 +269,6 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(server):
     return httpx.get(server.base + "/v1/models", headers=AUTH, timeout=30).json()["data"][0]["id"]
-
-
-def wait_idle(base: str, timeout: float = 30) -> dict[str, float]:
-    """Metrics once no request runs or waits and every KV block is back (or at ``timeout``)."""
-    deadline = time.time() + timeout
-    while True:
-        m = metrics(base)
-        idle = m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0
-        idle = idle and m["vllm:kv_cache_usage_perc"] == 0
-        idle = idle and m.get("mod_free_kv_blocks", 0) == m.get("mod_total_kv_blocks", 0)
-        if idle or time.time() > deadline:
-            return m
-        time.sleep(0.2)
 
 
 def assert_all_blocks_back(m: dict[str, float]) -> None:
@@ -576,7 +564,7 @@ def test_soak_streams_dropped_midstream_leak_nothing(server, model):
         for events in finished:
             assert events[-1] == "[DONE]" and "error" not in json.loads(events[-2])
             assert json.loads(events[-2])["choices"][0]["finish_reason"] in ("length", "stop")
-        m = wait_idle(server.base)
+        m = wait_idle(server.base, timeout=30)
         print(f"soak round {n + 1}: {SOAK_STREAMS} streams in {took:.1f} s; free/total blocks "
               f"{m.get('mod_free_kv_blocks')}/{m.get('mod_total_kv_blocks')}, running {m['vllm:num_requests_running']}")  # fmt: skip
         assert_all_blocks_back(m)
@@ -592,8 +580,7 @@ def test_soak_streams_dropped_midstream_leak_nothing(server, model):
         drops = sum(o.startswith("aborted") for o in outcomes.values())
         dropped_total += drops
         want += drops
-        while (got := aborted(metrics(server.base))) < want and time.time() < deadline:
-            time.sleep(0.2)
+        got = aborted(wait_metrics(server.base, lambda m: aborted(m) >= want, max(0.0, deadline - time.time())))
         if got != want:
             lines = round_log(log_path, log_start)
             pytest.fail(f"round {n + 1}: {got - want:+.0f} client_disconnect aborts against the {drops} dropped "
@@ -639,7 +626,7 @@ def test_kv_exhaustion_preempts_and_every_request_matches_an_unloaded_run(server
             return await asyncio.gather(*(http.post(CMPL, json=body(p)) for p in prompts))
 
     responses = asyncio.run(all_at_once())
-    after = wait_idle(server.base)
+    after = wait_idle(server.base, timeout=30)
     assert [r.status_code for r in responses] == [200] * KVX_REQUESTS, [r.text[:200] for r in responses]
     preempted = after["vllm:num_preemptions_total"] - before["vllm:num_preemptions_total"]
     print(f"KV exhaustion: {KVX_REQUESTS} requests, {preempted:.0f} preemptions")
