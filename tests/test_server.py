@@ -8,6 +8,7 @@ one-by-one greedy decoding agree token for token (bf16 on CPU does not: 7 of 16 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import re
@@ -338,7 +339,13 @@ def test_client_disconnect_aborts_and_frees_blocks(server, model):
             "stream_options": {"include_usage": True, "continuous_usage_stats": True}}  # fmt: skip
     with httpx.Client(timeout=120) as http:
         with http.stream("POST", server.base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
-            events = [json.loads(line[6:]) for _, line in zip(range(80), r.iter_lines()) if line.startswith("data: {")]
+            # Hold the line iterator until the block ends: an abandoned one, once the cyclic GC
+            # collects it (at a moment that depends on the earlier tests), closes httpx's stream and
+            # with it the connection, and the server rightly aborts the request early. The collect
+            # makes that moment now, so a leak here fails every run.
+            lines = r.iter_lines()
+            events = [json.loads(line[6:]) for _, line in zip(range(80), lines) if line.startswith("data: {")]
+            gc.collect()
             # (vLLM's gauges follow the engine a moment behind)
             during = wait_metrics(server.base, lambda m: m["vllm:num_requests_running"] == 1, timeout=10)
             assert during["vllm:num_requests_running"] == 1 and during["vllm:kv_cache_usage_perc"] > 0
