@@ -183,6 +183,15 @@ def wait_idle(base: str, timeout: float = 10) -> dict[str, float]:
     return wait_metrics(base, idle, timeout)
 
 
+def assert_all_blocks_back(m: dict[str, float]) -> None:
+    """Nothing runs or waits and every KV block is free (``wait_idle``'s metrics, asserted)."""
+    assert m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0
+    assert m["vllm:kv_cache_usage_perc"] == 0
+    if "mod_total_kv_blocks" in m:  # the MoD plugin's own pool count: every layer's blocks
+        assert m["mod_free_kv_blocks"] == m["mod_total_kv_blocks"] > 0, m
+        assert m["mod_routed_kv_blocks"] == 0
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = ServerProcess(tmp_path_factory.mktemp("server"), test_model_dir())
@@ -326,10 +335,7 @@ def test_concurrent_streams_match_sequential_and_free_kv(server, client, model):
     print(f"16 concurrent streams x 16 tokens: {time.time() - started:.1f} s")
     assert together == one_by_one
     assert len(set(together)) == 16  # independent outputs, not one answer copied around
-    m = wait_idle(server.base)
-    assert m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0
-    if "mod_total_kv_blocks" in m:
-        assert m["mod_free_kv_blocks"] == m["mod_total_kv_blocks"]
+    assert_all_blocks_back(wait_idle(server.base))
 
 
 def test_client_disconnect_aborts_and_frees_blocks(server, model):
@@ -356,9 +362,7 @@ def test_client_disconnect_aborts_and_frees_blocks(server, model):
     closed = time.time()
     m = wait_idle(server.base, timeout=30)  # (< 1 s here; a stalled CI box needs more)
     print(f"disconnect -> idle in {time.time() - closed:.2f} s")
-    assert m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0
-    if "mod_total_kv_blocks" in m:
-        assert m["mod_free_kv_blocks"] == m["mod_total_kv_blocks"]
+    assert_all_blocks_back(m)
     generated = m["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
     time.sleep(1)
     assert metrics(server.base)["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] == generated
@@ -472,8 +476,7 @@ def test_server_survives_the_errors(server, client, model):
     assert httpx.get(server.base + "/health").status_code == 200
     r = client.chat.completions.create(model=model, messages=MSGS, max_tokens=3)
     assert r.usage.completion_tokens >= 1
-    m = wait_idle(server.base)
-    assert m["vllm:kv_cache_usage_perc"] == 0
+    assert_all_blocks_back(wait_idle(server.base))
 
 
 # ---- per-request depth budget and routing report (issue 11) ----------------------------------

@@ -31,8 +31,8 @@ from vllm.exceptions import QueueOverflowError, VLLMValidationError
 
 from server.app import APIError, harden
 from server.cli import _Server
-from test_server import (KEY, ServerProcess, access_outcomes, free_port, metrics, test_model_dir, tokenizer,  # noqa: F401 (a fixture)
-                         wait_idle, wait_metrics)
+from test_server import (KEY, ServerProcess, access_outcomes, assert_all_blocks_back, free_port, metrics,  # noqa: F401
+                         test_model_dir, tokenizer, wait_idle, wait_metrics)  # (tokenizer: a fixture)
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -269,14 +269,6 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(server):
     return httpx.get(server.base + "/v1/models", headers=AUTH, timeout=30).json()["data"][0]["id"]
-
-
-def assert_all_blocks_back(m: dict[str, float]) -> None:
-    assert m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0
-    assert m["vllm:kv_cache_usage_perc"] == 0
-    if "mod_total_kv_blocks" in m:  # the MoD plugin's own pool count: every layer's blocks
-        assert m["mod_free_kv_blocks"] == m["mod_total_kv_blocks"] > 0, m
-        assert m["mod_routed_kv_blocks"] == 0
 
 
 def counter(m: dict[str, float], name: str, label: str, value: str) -> float:
