@@ -74,6 +74,43 @@ def test_routed_linears_run_rows_in_a_few_piece_sizes(dtype):
         torch.testing.assert_close(got.double(), x.double() @ weight.t(), rtol=tol, atol=tol)
 
 
+def test_routed_linears_reuse_large_outputs_once_free():
+    """A routed GEMM's output of 1 MiB or more comes from a few buffers kept per thread (a fresh
+    48 MiB gate_up output at 8192 rows is faulted in page by page, ~35 ms a call here): once the
+    last view of an output is gone its memory is handed out again, never while any view lives;
+    every product is x @ W.T whatever buffer it lands in; small outputs are plain allocations."""
+    from mod_serve.vllm_internals import gemm
+
+    if not layer_utils.ops._supports_onednn or not gemm.row_pieces_op():
+        pytest.skip("no oneDNN GEMM or no C++ routed ops here")
+    layer = _linear(n=1024, k=64, dtype=torch.float32)
+    weight = layer.weight.detach().double().clone()
+    with mock.patch.object(layer_utils, "check_cpu_sgl_kernel", return_value=False):
+        AnyRowsLinearMethod().process_weights_after_loading(layer)
+
+    def run(rows, seed):
+        x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(seed))
+        out = layer.cpu_linear(x, layer.weight, None)
+        torch.testing.assert_close(out.double(), x.double() @ weight.t(), rtol=1e-4, atol=1e-4)
+        return out
+
+    first = run(700, 0)  # 2.7 MiB
+    ptr = first.data_ptr()
+    view = first[3:]  # a view keeps the memory taken
+    del first
+    second = run(600, 1)
+    assert second.data_ptr() != ptr
+    del view
+    third = run(650, 2)  # fits the first's buffer, now free
+    assert third.data_ptr() == ptr and third.shape == (650, 1024) and third.is_contiguous()
+    held = [run(300, 3 + i) for i in range(5)]  # more live outputs than buffers: still right
+    assert len({t.data_ptr() for t in [second, third, *held]}) == 7
+    pooled = {t.data_ptr() for t in [second, third, *held[:2]]}  # the pool's 4 buffers
+    del second, third, held
+    assert run(200, 9).data_ptr() not in pooled  # 0.8 MiB: a plain allocation, though all 4 are free
+    assert run(400, 10).data_ptr() in pooled
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(),
                     reason="bf16 is the bench's dtype only on CPUs with AVX-512 BF16 (float32 elsewhere)")

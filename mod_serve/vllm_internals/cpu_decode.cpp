@@ -22,6 +22,10 @@
 #include <utility>
 #include <vector>
 
+namespace mod_serve {
+at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options);  // routed_linear.cpp
+}
+
 namespace {
 
 c10::OperatorHandle find_op(const char* name) {
@@ -131,7 +135,7 @@ struct RoutedAttention {
              slots, isa, k_scale, v_scale, kv_cache_dtype};
     cache_op.callBoxed(stack);
 
-    at::Tensor out = at::empty({n, num_heads, head_size_v}, q.options());
+    at::Tensor out = mod_serve::pooled_empty({n, num_heads, head_size_v}, q.options());
     c10::IValue alibi = alibi_slopes ? c10::IValue(*alibi_slopes) : c10::IValue();
     c10::IValue s_aux = sinks ? c10::IValue(*sinks) : c10::IValue();
     stack = {q.view({n, num_heads, head_size}), key_cache, value_cache, out, qsl, seq_lens, scale, true, alibi,

@@ -18,7 +18,8 @@ case they hand to the Python op. vLLM 0.32 binds a layer's CPU KV cache once per
 bound call never sees its cache replaced.
 
 The same extension carries ``routed_linear.cpp``: routed layers' oneDNN GEMMs in row pieces of a
-few fixed sizes (see ``gemm``).
+few fixed sizes (see ``gemm``), and the few reused buffers that hold the routed GEMMs' and
+attention's large outputs.
 
 The extension is built with torch's C++ extension loader at the first engine start (~45 s here, then
 cached under ``~/.cache/torch_extensions``; ``make install`` builds it ahead). Where it cannot be

@@ -17,7 +17,9 @@ routed ops are built (``cpu_decode``), a routed layer's oneDNN linear runs
 ``mod_serve::onednn_mm_rows`` (``routed_linear.cpp``): vLLM's same ``_C::onednn_mm`` and handler
 over row pieces of a few fixed sizes (the powers of two >= 64 in the count, then the rest padded to
 at most 64), and the worker's warm-up (``warm_up``) builds each size's primitive ahead, so that no
-prefill step builds one.
+prefill step builds one. Its outputs of 1 MiB or more come from a few reused buffers
+(``routed_linear.cpp``): a routed GEMM's output is new memory in every step, and glibc faults a
+freed 48 MiB one (gate_up at 8192 rows) in again page by page.
 """
 
 from __future__ import annotations
