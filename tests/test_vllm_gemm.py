@@ -4,6 +4,7 @@ CPUs) dies with SIGFPE on an empty input."""
 
 from __future__ import annotations
 
+import concurrent.futures
 from unittest import mock
 
 import pytest
@@ -94,21 +95,27 @@ def test_routed_linears_reuse_large_outputs_once_free():
         torch.testing.assert_close(out.double(), x.double() @ weight.t(), rtol=1e-4, atol=1e-4)
         return out
 
-    first = run(700, 0)  # 2.7 MiB
-    ptr = first.data_ptr()
-    view = first[3:]  # a view keeps the memory taken
-    del first
-    second = run(600, 1)
-    assert second.data_ptr() != ptr
-    del view
-    third = run(650, 2)  # fits the first's buffer, now free
-    assert third.data_ptr() == ptr and third.shape == (650, 1024) and third.is_contiguous()
-    held = [run(300, 3 + i) for i in range(5)]  # more live outputs than buffers: still right
-    assert len({t.data_ptr() for t in [second, third, *held]}) == 7
-    pooled = {t.data_ptr() for t in [second, third, *held[:2]]}  # the pool's 4 buffers
-    del second, third, held
-    assert run(200, 9).data_ptr() not in pooled  # 0.8 MiB: a plain allocation, though all 4 are free
-    assert run(400, 10).data_ptr() in pooled
+    def scenario():  # in a new thread: its own, empty pool (the buffers are kept per thread)
+        first = run(700, 0)  # 2.7 MiB
+        ptr = first.data_ptr()
+        view = first[3:]  # a view keeps the memory taken
+        del first
+        second = run(600, 1)
+        assert second.data_ptr() != ptr
+        del view
+        decoy = torch.empty(650, 1024)  # the pool still owns the first's memory: not malloc's to give
+        assert decoy.data_ptr() != ptr
+        third = run(650, 2)  # fits the first's buffer, now free
+        assert third.data_ptr() == ptr and third.shape == (650, 1024) and third.is_contiguous()
+        held = [run(300, 3 + i) for i in range(5)]  # more live outputs than buffers: still right
+        assert len({t.data_ptr() for t in [second, third, *held]}) == 7
+        pooled = {t.data_ptr() for t in [second, third, *held[:2]]}  # the pool's 4 buffers
+        del second, third, held
+        assert run(200, 9).data_ptr() not in pooled  # 0.8 MiB: a plain allocation, though all 4 are free
+        assert run(400, 10).data_ptr() in pooled
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(scenario).result()
 
 
 @pytest.mark.slow
